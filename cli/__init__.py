@@ -1,0 +1,1 @@
+"""Click command line for snnadv (installed as ``snnadv.cli``)."""

@@ -1,0 +1,136 @@
+"""The ``snnadv`` command line: one small function per subcommand.
+
+Each command parses its options, resolves the settings (defaults < ``--config`` <
+flags, see :mod:`snnadv.config`) and calls the library.  Every error a user can
+cause ends as one line on stderr and a non-zero exit:
+
+* :class:`snnadv.errors.SnnadvError` and Click usage errors: exit 2;
+* Ctrl-C: exit 130, with the last completed epoch's checkpoint left in place.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from snnadv import __version__
+from snnadv.errors import SnnadvError
+
+from .options import common_options, flags
+
+
+class PipelineGroup(click.Group):
+    """Lists subcommands in pipeline order (the order they were added), not alphabetically."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="snnadv")
+def cli():
+    """Adversarial robustness of deep spiking neural networks (Sharmin et al., ECCV 2020).
+
+    The pipeline, one command per stage:
+
+    \b
+      snnadv train-ann --config configs/quick.toml --out runs/ann.pt
+      snnadv convert   --config configs/quick.toml --checkpoint runs/ann.pt --out runs/conv.pt
+      snnadv finetune  --config configs/quick.toml --checkpoint runs/conv.pt --leak 0.95 --out runs/bp.pt
+    """
+
+
+@cli.command("train-ann")
+@common_options
+@click.option("--arch", help="vgg5 | vgg11 | resnet20 | tiny (default vgg5).")
+@click.option("--epochs", type=int, help="Epochs (paper: 200 VGG5/ResNet20, 250 VGG11).")
+@click.option("--lr", type=float, help="Initial SGD learning rate (paper: 0.1 VGG, 0.05 ResNet20).")
+@click.option("--milestones", help="Epochs at which the lr is divided by 10, comma separated.")
+@click.option("--momentum", type=float, help="SGD momentum (0.9).")
+@click.option("--weight-decay", type=float, help="Weight decay (1e-4).")
+@click.option("--input-bits", type=int, help="Quantise inputs to this many bits (1-8; default none).")
+@click.option("--input-range", type=click.Choice(["unit", "signed"]), help="Model input range (default unit = [0,1]).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the interrupted run saved at --out.")
+def train_ann(**kw):
+    """Train an ANN with the paper's recipe (SGD, step schedule, augmentation)."""
+    from snnadv.config import resolve
+    from snnadv.train import train_ann as run
+
+    if kw.get("milestones"):
+        kw["milestones"] = _int_list(kw["milestones"], "--milestones")
+    run(resolve("train-ann", kw.get("config"), flags(kw)))
+
+
+@cli.command("convert")
+@common_options
+@click.option("--checkpoint", type=click.Path(), help="The ANN checkpoint to convert.")
+@click.option("--timesteps", type=int, help="T for balancing and evaluation (paper: 2500).")
+@click.option("--batches", type=int, help="Training batches to balance on (default 1, as the original code).")
+@click.option("--percentile", type=float, help="Threshold = this percentile of the input current (default 100 = max).")
+@click.option("--scale", type=float, help="Threshold scale applied before fine-tuning (default 0.7).")
+@click.option("--balance", type=click.Choice(["all", "stem"]), help="Balance all spiking layers or only the non-residual stem.")
+@click.option("--curve", help="Timesteps at which to report accuracy, comma separated.")
+def convert(**kw):
+    """Convert an ANN to an SNN (SNN-conv) by threshold balancing."""
+    from snnadv.config import resolve
+    from snnadv.convert import convert as run
+
+    if kw.get("curve"):
+        kw["curve"] = _int_list(kw["curve"], "--curve")
+    run(resolve("convert", kw.get("config"), flags(kw)))
+
+
+@cli.command("finetune")
+@common_options
+@click.option("--checkpoint", type=click.Path(), help="The snn-conv checkpoint to start from.")
+@click.option("--leak", type=float, help="Leak lambda in (0, 1]; 1.0 = IF (default 0.99).")
+@click.option("--timesteps", type=int, help="T (paper: 100 VGG5, 200 ResNet20/VGG11).")
+@click.option("--surrogate", type=click.Choice(["stdb", "linear", "fast-sigmoid"]), help="Surrogate gradient (default stdb, Eq. 4).")
+@click.option("--alpha", type=float, help="Eq. 4 alpha (0.3).")
+@click.option("--beta", type=float, help="Eq. 4 beta (0.01).")
+@click.option("--gamma", type=float, help="Linear surrogate gamma (0.3).")
+@click.option("--epochs", type=int, help="Epochs (15).")
+@click.option("--lr", type=float, help="Adam learning rate (1e-4), halved every --lr-step epochs.")
+@click.option("--lr-step", type=int, help="Epochs between lr halvings (5).")
+@click.option("--weight-decay", type=float, help="Weight decay (5e-4).")
+@click.option("--scale", type=float, help="Threshold scale (default: the one stored by convert, 0.7).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the interrupted run saved at --out.")
+def finetune(**kw):
+    """Fine-tune a converted SNN with spike-based backpropagation (SNN-BP)."""
+    from snnadv.config import resolve
+    from snnadv.train import finetune as run
+
+    run(resolve("finetune", kw.get("config"), flags(kw)))
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SnnadvError(f"{name} takes comma-separated integers, got '{text}'") from None
+
+
+def main(argv=None) -> int:
+    """Entry point: run the CLI, turning every user error into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="snnadv", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return e.exit_code
+    except SnnadvError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted: the last completed epoch's checkpoint is intact (continue with --resume)", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+from setuptools import setup
+
+setup(
+    name="snnadv",
+    version="0.1.0",
+    description="Adversarial robustness of deep spiking neural networks, on snnTorch (Sharmin et al., ECCV 2020)",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["snnadv", "snnadv.models", "snnadv.kernels", "snnadv.cli"],
+    package_dir={"snnadv.cli": "cli"},
+    install_requires=["torch>=2.2", "torchvision>=0.17", "snntorch>=0.9", "numpy", "click>=8.1", "rich>=13"],
+    extras_require={"dev": ["pytest>=7"], "plots": ["matplotlib>=3.7"]},
+    entry_points={"console_scripts": ["snnadv=snnadv.cli.main:main"]},
+)

@@ -1,0 +1,122 @@
+"""Settings: the paper's defaults in one place, TOML configs, and flag overrides.
+
+A config file (``configs/*.toml``, read with :mod:`tomllib`) has a ``[common]``
+table, read by every stage, and one table per stage named like the subcommand
+(``[train-ann]``, ``[convert]``, ``[finetune]``, ...).  A stage's settings are
+
+    defaults (below)  <  [common]  <  [stage]  <  command-line flags
+
+Relative paths in a config (``data_dir``, ``out``, checkpoints) are taken relative
+to the current directory, as on the command line.  An unknown key is an error, so
+a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .errors import SnnadvError
+
+#: settings every stage accepts (the one CLI convention)
+COMMON = {
+    "dataset": "cifar10",
+    "data_dir": "../shared/data/cifar10-mini",
+    "download": False,
+    "device": "auto",
+    "seed": 0,
+    "batch_size": 64,
+    "train_subset": None,
+    "test_subset": None,
+    "out": None,
+    "quiet": False,
+}
+
+#: per-stage defaults: the paper's recipe (Sec. 3.2, reference-notes.md)
+STAGES = {
+    "train-ann": {
+        "arch": "vgg5", "epochs": None, "lr": None, "milestones": None, "momentum": 0.9,
+        "weight_decay": 1e-4, "input_bits": None, "input_range": "unit", "resume": False,
+    },
+    "convert": {
+        "checkpoint": None, "timesteps": 2500, "batches": 1, "percentile": 100.0, "scale": 0.7,
+        "balance": "all", "curve": [100, 250, 500, 1000, 2500], "eval_batch_size": None,
+    },
+    "finetune": {
+        "checkpoint": None, "leak": 0.99, "timesteps": None, "surrogate": "stdb", "alpha": 0.3,
+        "beta": 0.01, "gamma": 0.3, "epochs": 15, "lr": 1e-4, "lr_step": 5, "lr_gamma": 0.5,
+        "weight_decay": 5e-4, "scale": None, "resume": False,
+    },
+}
+
+#: the paper's ANN schedule per architecture: (epochs, lr, milestones)
+ANN_SCHEDULE = {
+    "vgg5": (200, 0.1, [100, 150]),
+    "resnet20": (200, 0.05, [80, 120]),
+    "vgg11": (250, 0.1, [125, 188]),  # "similar schedule": /10 at 1/2 and 3/4 of training
+    "tiny": (30, 0.05, [20, 25]),
+}
+
+#: SNN-BP timesteps per architecture (paper: 100 for VGG5, 200 for ResNet20 and VGG11)
+FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
+
+
+def read_config(path: str | Path | None) -> dict:
+    """Parse a TOML config; a missing or malformed file is a one-line error."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise SnnadvError(f"config file '{path}' does not exist")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise SnnadvError(f"config file '{path}' is not valid TOML ({e})") from None
+
+
+def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | None = None) -> dict:
+    """The settings of ``stage``: defaults < config [common] < config [stage] < flags.
+
+    ``flags`` holds command-line values; ``None`` means "not given".
+    """
+    data = config if isinstance(config, dict) else read_config(config)
+    defaults = {**COMMON, **STAGES.get(stage, {})}
+    out = dict(defaults)
+    for table in ("common", stage):
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise SnnadvError(f"[{table}] in the config must be a table")
+        for key, value in section.items():
+            key = key.replace("-", "_")
+            if key not in defaults:
+                if table == "common":
+                    continue  # [common] may hold settings of other stages
+                raise SnnadvError(f"unknown setting '{key}' in [{table}] (known: {', '.join(sorted(defaults))})")
+            out[key] = value
+    for key, value in (flags or {}).items():
+        if value is not None and key != "config":
+            out[key] = value
+    out["stage"] = stage
+    if isinstance(config, (str, Path)):
+        out["config"] = str(config)
+    return out
+
+
+def check_positive(cfg: dict, *keys: str) -> None:
+    for k in keys:
+        v = cfg.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise SnnadvError(f"{k.replace('_', '-')} must be positive, got {v}")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SnnadvError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SnnadvError(f"unknown device '{name}' (choose auto, cpu or cuda)")
+    return torch.device(name)

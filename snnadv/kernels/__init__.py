@@ -1,0 +1,1 @@
+"""Fused multi-step neuron scans (see :mod:`snnadv.kernels.scan`)."""

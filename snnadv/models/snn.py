@@ -1,0 +1,210 @@
+"""The SNN built from the same spec as the ANN (each ReLU -> an LIF/IF neuron).
+
+``logits = snn(images in [0, 1], num_steps=T)``: one call encodes the images into T
+spike frames (:class:`~snnadv.encoding.RateEncoder`), runs them through the
+network, and returns the output layer's accumulated membrane / T.  It is a plain
+``nn.Module``, so any attack library can call it; every call draws fresh encoder
+spikes (and fresh dropout masks in training mode).
+
+Time loop.  Two interchangeable executions of the same network:
+
+* ``mode="fused"`` (default): each layer processes all frames of a time chunk at
+  once: synaptic layers (conv, linear, pooling) as one call over the T*B frames,
+  neurons as one fused scan over T (:meth:`~snnadv.neurons.LIF.multistep`).
+  ``chunk_steps`` bounds the frames held at once (None: all T together when
+  autograd is on, else as many as fit a memory budget); neuron
+  state and dropout masks carry across chunks, so chunking changes memory, not
+  results (beyond the order in which random numbers are drawn).
+* ``mode="reference"``: the obvious step-by-step loop, one frame through every
+  layer per timestep, neurons through snnTorch's single-step ``forward``.  Slow;
+  kept to test the fused path against.
+
+Output layer (paper Sec. 2.2, ``reference-notes.md``): everything after the last
+spiking layer (pooling, dropout with its fixed mask, the final linear layer) is
+linear and bias-free, so it integrates without threshold or leak; the fused path
+applies it once to the summed spikes, the reference path every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..encoding import RateEncoder
+from ..errors import SnnadvError
+from ..neurons import LIF, Surrogate, TimeDropout, make_surrogate, reset_state
+from .ann import BasicBlock, make_layer
+from .spec import Act, ArchSpec, Block
+
+MODES = ("fused", "reference")
+
+
+class SNN(nn.Module):
+    """A spiking network; ``kind`` is ``"snn-conv"`` or ``"snn-bp"`` (set by the stage).
+
+    Args:
+        spec: the architecture (shared with the ANN).
+        num_steps: default T for ``forward``.
+        leak: lambda of every hidden neuron (1.0 = IF).
+        reset: ``"subtract"`` (default) or ``"zero"``.
+        surrogate: the training/attack-time surrogate (default Eq. 4).
+        input_bits, input_range, gain: encoder settings (see :mod:`snnadv.encoding`).
+    """
+
+    kind = "snn"
+
+    def __init__(self, spec: ArchSpec, num_steps: int = 100, leak: float = 1.0, reset: str = "subtract",
+                 surrogate: Surrogate | None = None, input_bits: int | None = None,
+                 input_range: str = "unit", gain: float = 1.0, mode: str = "fused",
+                 chunk_steps: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.num_steps = check_steps(num_steps)
+        self.mode = mode
+        self.chunk_steps = chunk_steps
+        self.encoder = RateEncoder(input_bits, input_range, gain)
+        surrogate = surrogate or make_surrogate("stdb")
+        self._names = [l.name for l in spec.layers]
+        for layer in spec.layers:
+            self.add_module(layer.name, make_layer(layer, lambda: LIF(leak, 1.0, reset, surrogate), TimeDropout))
+        spiking = [i for i, l in enumerate(spec.layers) if isinstance(l, (Act, Block))]
+        if not spiking:
+            raise SnnadvError(f"architecture {spec.arch} has no spiking layer")
+        self._hidden = self._names[: spiking[-1] + 1]
+        self._tail = self._names[spiking[-1] + 1:]
+        # the first synaptic layer (Alg. 1 differentiates w.r.t. its output); kept in a
+        # tuple so that it is not registered a second time as a sub-module
+        self._first = (next(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))),)
+        self.capture_first_layer = False  # Alg. 1: keep the first layer's output grads
+        self.first_layer_outputs: list[torch.Tensor] = []
+
+    @property
+    def first_conv(self) -> nn.Module:
+        return self._first[0]
+
+    # -- settings --------------------------------------------------------------
+    @property
+    def neurons(self) -> list[LIF]:
+        return [m for m in self.modules() if isinstance(m, LIF)]
+
+    @property
+    def neuron_names(self) -> list[str]:
+        return [n for n, m in self.named_modules() if isinstance(m, LIF)]
+
+    def thresholds(self) -> dict[str, float]:
+        return {n: float(m.threshold) for n, m in self.named_modules() if isinstance(m, LIF)}
+
+    def set_thresholds(self, values: dict[str, float]) -> None:
+        mods = dict(self.named_modules())
+        for name, v in values.items():
+            if not isinstance(mods.get(name), LIF):
+                raise SnnadvError(f"no spiking layer named '{name}' in {self.spec.arch}")
+            mods[name].set_threshold(v)
+
+    def set_leak(self, leak: float) -> None:
+        if not 0.0 < float(leak) <= 1.0:
+            raise SnnadvError(f"leak must be in (0, 1], got {leak}")
+        for m in self.neurons:
+            m.beta.fill_(float(leak))
+
+    def set_surrogate(self, surrogate: Surrogate) -> None:
+        for m in self.neurons:
+            m.surrogate = surrogate
+
+    @property
+    def surrogate(self) -> Surrogate:
+        return self.neurons[0].surrogate
+
+    @property
+    def leak(self) -> float:
+        return self.neurons[0].leak
+
+    def reset_state(self) -> None:
+        reset_state(self)
+        self.first_layer_outputs = []
+
+    # -- running -----------------------------------------------------------------
+    def _apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one module on a [T, B, ...] chunk of frames."""
+        if isinstance(module, LIF):
+            if self.mode == "fused":
+                return module.multistep(x)
+            return torch.stack([module(x_t)[0] for x_t in x])
+        if isinstance(module, TimeDropout):
+            return module(x)
+        if isinstance(module, BasicBlock):
+            return module(x, self._apply)
+        T, B = x.shape[:2]
+        y = module(x.flatten(0, 1)).unflatten(0, (T, B))
+        if module is self._first[0] and self.capture_first_layer and y.requires_grad:
+            y.retain_grad()
+            self.first_layer_outputs.append(y)
+        return y
+
+    #: values of the widest layer held at once when chunking automatically (1 GiB in fp32)
+    chunk_budget = 2 ** 28
+
+    def chunk_for(self, batch: int, num_steps: int) -> int:
+        """Timesteps per chunk: ``chunk_steps`` if set; without autograd, as many as fit
+        ``chunk_budget``; with autograd all T (BPTT keeps every step anyway)."""
+        if self.chunk_steps:
+            return self.chunk_steps
+        if torch.is_grad_enabled():
+            return num_steps
+        return max(1, min(num_steps, self.chunk_budget // (batch * self.spec.widest_activation())))
+
+    def _run(self, x: torch.Tensor | None, num_steps: int, record_at: list[int],
+             frames: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Accumulated output / t at each t in ``record_at`` (sorted, last = num_steps).
+
+        The input is ``x`` (encoded here) or ready-made spike ``frames`` [T, B, ...].
+        """
+        self.reset_state()
+        batch = x.shape[0] if x is not None else frames.shape[1]
+        chunk = 1 if self.mode == "reference" else self.chunk_for(batch, num_steps)
+        acc = None  # summed output-layer input (fused) or summed output (reference)
+        out, t0, want = [], 0, list(record_at)
+        while t0 < num_steps:
+            n = min(chunk, num_steps - t0)
+            h = self.encoder(x, n) if frames is None else frames[t0:t0 + n]
+            for name in self._hidden:
+                h = self._apply(getattr(self, name), h)
+            if self.mode == "reference":
+                h = self._readout(h)
+            csum = h.cumsum(0) if acc is None else acc.unsqueeze(0) + h.cumsum(0)
+            while want and want[0] <= t0 + n:
+                t = want.pop(0)
+                s = csum[t - t0 - 1]
+                out.append((s if self.mode == "reference" else self._readout(s.unsqueeze(0))[0]) / t)
+            acc = csum[-1]
+            t0 += n
+        return out
+
+    def _readout(self, h: torch.Tensor) -> torch.Tensor:
+        for name in self._tail:
+            h = self._apply(getattr(self, name), h)
+        return h
+
+    def forward(self, x: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
+        """Logits [B, classes] = accumulated output membrane / T, for images in [0, 1]."""
+        T = check_steps(num_steps or self.num_steps)
+        return self._run(x, T, [T])[0]
+
+    def forward_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Logits for given input spike frames [T, B, C, H, W] (no encoder)."""
+        return self._run(None, frames.shape[0], [frames.shape[0]], frames)[0]
+
+    def forward_curve(self, x: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """Logits after each of ``steps`` timesteps of one run: [len(steps), B, classes]."""
+        steps = sorted(set(int(s) for s in steps))
+        check_steps(steps[0])
+        return torch.stack(self._run(x, steps[-1], steps))
+
+    def extra_repr(self) -> str:
+        return f"arch={self.spec.arch}, num_steps={self.num_steps}, mode={self.mode}"
+
+
+def check_steps(num_steps) -> int:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise SnnadvError(f"timesteps must be a positive integer, got {num_steps}")
+    return num_steps

@@ -1,0 +1,78 @@
+"""Progress display and result output shared by every stage (rich + JSON).
+
+A :class:`Reporter` owns the console: progress bars for long work, tables for
+results.  ``quiet=True`` silences it (tests, library use).  :func:`write_json`
+writes a result file atomically, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False, console: Console | None = None):
+        self.console = console or Console(quiet=quiet, highlight=False)
+        self.quiet = quiet
+
+    def print(self, *args, **kwargs) -> None:
+        self.console.print(*args, **kwargs)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None):
+        """A progress bar; yields ``advance(n=1, **fields)``."""
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
+            task = bar.add_task(description, total=total, info="")
+
+            def advance(n: int = 1, info: str | None = None) -> None:
+                bar.update(task, advance=n, **({"info": info} if info is not None else {}))
+
+            yield advance
+
+    def table(self, title: str, columns: list[str], rows: list[list]) -> Table:
+        t = Table(title=title, title_justify="left")
+        for c in columns:
+            t.add_column(c, justify="right" if c != columns[0] else "left")
+        for r in rows:
+            t.add_row(*[fmt(v) for v in r])
+        self.console.print(t)
+        return t
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.2f}" if v == 0 or 0.01 <= abs(v) < 1e6 else f"{v:.3g}"
+    return "-" if v is None else str(v)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=_jsonable)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

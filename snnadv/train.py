@@ -1,0 +1,235 @@
+"""Training: the ANN (paper Sec. 3.2) and hybrid SNN-BP fine-tuning, one loop for both.
+
+:func:`fit` is the loop: shuffled, augmented batches from the device-resident
+split; cross-entropy; per-epoch test accuracy; an atomic checkpoint after every
+epoch holding everything needed to resume (optimizer, scheduler, every RNG state,
+the history), so ``--resume`` gives the same result as an uninterrupted run and
+Ctrl-C never costs more than the epoch in progress.  A NaN/inf loss stops the run
+with a one-line error before anything is written over the last good checkpoint.
+
+:func:`train_ann` and :func:`finetune` set up the model, optimizer and schedule
+for their stage and hand over to :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import build_model, file_hash, load_checkpoint, load_weights, model_settings, save_checkpoint, weights
+from .config import ANN_SCHEDULE, FINETUNE_STEPS, check_positive, resolve_device
+from .data import DATASETS, batches, load_dataset
+from .errors import CheckpointError, SnnadvError, TrainingError
+from .evaluate import accuracy
+from .models import ANN, get_spec
+from .neurons import make_surrogate
+from .report import Reporter, write_json
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["data"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _plain(obj):
+    """Containers as plain dicts/lists (a checkpoint must load with weights_only=True)."""
+    if isinstance(obj, dict):  # also Counter (MultiStepLR's milestones)
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: int, seed: int,
+        checkpoint_fn, resume: dict | None = None, reporter: Reporter | None = None,
+        eval_batch_size: int = 256) -> list[dict]:
+    """Train ``model`` for ``epochs`` epochs; returns the per-epoch history.
+
+    ``checkpoint_fn(train_state)`` is called after every epoch with the state to
+    resume from; ``resume`` is such a state (from an interrupted run).
+    """
+    reporter = reporter or Reporter(quiet=True)
+    device = train.images.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    history, start = [], 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if isinstance(getattr(scheduler, "milestones", None), dict):  # saved as a plain dict
+            scheduler.milestones = Counter(scheduler.milestones)
+        _set_rng_state(gen, resume["rng"])
+        history, start = list(resume["history"]), int(resume["epoch"])
+        reporter.print(f"resuming after epoch {start} of {epochs}")
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    for epoch in range(start, epochs):
+        model.train()
+        t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        with reporter.progress(f"epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
+            for i, (x, y) in enumerate(batches(train, batch_size, shuffle=True, generator=gen, train_augment=True)):
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
+                                        f"stopped (lower the learning rate); the last completed epoch's "
+                                        f"checkpoint is kept")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+                correct += (out.argmax(1) == y).sum().item()
+                seen += len(y)
+                advance(1, f"loss {loss_sum / seen:.3f}")
+        train_time = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        test_acc = accuracy(model, test, eval_batch_size, seed=seed + epoch)["mean"]
+        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+               "test_acc": test_acc, "lr": lr, "seconds": train_time, "images_per_s": seen / train_time}
+        history.append(row)
+        reporter.print(f"epoch {epoch + 1:>3}/{epochs}  loss {row['loss']:.4f}  train {row['train_acc']:.2f}%  "
+                       f"test {test_acc:.2f}%  lr {lr:.3g}  {row['images_per_s']:.0f} img/s")
+        checkpoint_fn({"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                       "scheduler": _plain(scheduler.state_dict()), "rng": _rng_state(gen), "history": history})
+    return history
+
+
+def _outputs(cfg: dict, default_name: str) -> tuple[Path, Path]:
+    out = Path(cfg["out"] or f"runs/{default_name}.pt")
+    if out.suffix != ".pt":
+        out = out / f"{default_name}.pt"
+    return out, out.with_suffix(".json")
+
+
+def _setup(cfg: dict):
+    check_positive(cfg, "epochs", "batch_size", "lr")
+    if cfg["dataset"] not in DATASETS:
+        raise SnnadvError(f"unknown dataset '{cfg['dataset']}' (choose {', '.join(DATASETS)})")
+    device = resolve_device(cfg["device"])
+    seed_everything(cfg["seed"])
+    train, test = load_dataset(cfg["dataset"], cfg["data_dir"], device, cfg["train_subset"],
+                               cfg["test_subset"], cfg["download"])
+    return device, train, test
+
+
+def _resume_state(out: Path, cfg: dict, stage: str, arch: str) -> dict | None:
+    if not cfg.get("resume"):
+        return None
+    if not out.exists():
+        raise CheckpointError(f"--resume: no checkpoint at '{out}' to resume from")
+    ckpt = load_checkpoint(out, stage)
+    if ckpt["spec"]["arch"] != arch or ckpt["dataset"] != cfg["dataset"]:
+        raise CheckpointError(f"--resume: '{out}' holds a {ckpt['spec']['arch']} on {ckpt['dataset']}, "
+                              f"not a {arch} on {cfg['dataset']}")
+    if ckpt.get("train_state") is None:
+        raise CheckpointError(f"--resume: '{out}' has no training state to resume from")
+    return ckpt
+
+
+def _finish(ckpt_base: dict, history: list, out: Path, metrics_path: Path, cfg: dict,
+            reporter: Reporter, extra: dict | None = None) -> dict:
+    """Record the final metrics in the checkpoint and beside it as JSON."""
+    final = history[-1] if history else {}
+    metrics = {"test_acc": final.get("test_acc"), "train_acc": final.get("train_acc"),
+               "epochs": len(history), **(extra or {}), "history": history}
+    ckpt = load_checkpoint(out)
+    ckpt["metrics"] = metrics
+    save_checkpoint(out, {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "versions")})
+    result = {"stage": ckpt_base["stage"], "checkpoint": str(out), "sha256": file_hash(out),
+              "config": cfg, "metrics": metrics, "versions": ckpt["versions"], "parent": ckpt_base.get("parent")}
+    write_json(metrics_path, result)
+    reporter.print(f"[green]saved[/] {out}  (metrics: {metrics_path})")
+    return result
+
+
+def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
+    """Train an ANN with the paper's recipe (SGD, momentum, step schedule)."""
+    reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
+    epochs0, lr0, milestones0 = ANN_SCHEDULE.get(cfg["arch"], ANN_SCHEDULE["vgg5"])
+    cfg = {**cfg, "epochs": cfg["epochs"] or epochs0, "lr": cfg["lr"] or lr0}
+    if cfg["milestones"] is None:  # scale the paper's milestones to a shorter run
+        cfg["milestones"] = [round(m * cfg["epochs"] / epochs0) for m in milestones0]
+    spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
+    device, train, test = _setup(cfg)
+    out, metrics_path = _outputs(cfg, f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
+    resume = _resume_state(out, cfg, "ann", cfg["arch"])
+    model = ANN(spec, cfg["input_bits"], cfg["input_range"]).to(device)
+    if resume:
+        load_weights(model, resume["state_dict"], f"--resume: '{out}'")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                          weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg["milestones"], 0.1)
+    base = {"stage": "ann", "dataset": cfg["dataset"], "spec": spec.to_dict(), "config": cfg}
+    reporter.print(f"training ANN {cfg['arch']} on {cfg['dataset']} ({len(train)} train / {len(test)} test, "
+                   f"{device}) for {cfg['epochs']} epochs")
+
+    def checkpoint_fn(state):
+        save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
+                              "metrics": {"history": state["history"]}, "train_state": state})
+
+    history = fit(model, train, test, optimizer=opt, scheduler=sched, epochs=cfg["epochs"],
+                  batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_fn=checkpoint_fn,
+                  resume=resume["train_state"] if resume else None, reporter=reporter)
+    return _finish(base, history, out, metrics_path, cfg, reporter)
+
+
+def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
+    """Hybrid SNN-BP training (Sec. 3.2): BPTT from a converted SNN, thresholds fixed."""
+    reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
+    if cfg["checkpoint"] is None:
+        raise SnnadvError("finetune needs --checkpoint: an snn-conv checkpoint from 'snnadv convert'")
+    if not 0.0 < float(cfg["leak"]) <= 1.0:
+        raise SnnadvError(f"leak must be in (0, 1], got {cfg['leak']}")
+    check_positive(cfg, "timesteps", "alpha", "gamma", "lr_step")
+    parent = load_checkpoint(cfg["checkpoint"], ("snn-conv", "snn-bp"))
+    arch = parent["spec"]["arch"]
+    cfg = {**cfg, "dataset": parent["dataset"], "timesteps": cfg["timesteps"] or FINETUNE_STEPS.get(arch, 100)}
+    scale = cfg["scale"] if cfg["scale"] is not None else (
+        parent["model"].get("finetune_scale", 1.0) if parent["stage"] == "snn-conv" else 1.0)
+    device, train, test = _setup(cfg)
+    sur = make_surrogate(cfg["surrogate"], alpha=cfg["alpha"], beta=cfg["beta"], gamma=cfg["gamma"])
+    model = build_model(parent, device, num_steps=cfg["timesteps"], leak=float(cfg["leak"]),
+                        surrogate={"name": sur.name, **sur.params()})
+    model.set_thresholds({k: v * scale for k, v in model.thresholds().items()})
+    model.kind = "snn-bp"
+    out, metrics_path = _outputs(cfg, f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
+    resume = _resume_state(out, cfg, "snn-bp", arch)
+    if resume:
+        load_weights(model, resume["state_dict"], f"--resume: '{out}'")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, cfg["lr_step"], cfg["lr_gamma"])
+    base = {"stage": "snn-bp", "dataset": cfg["dataset"], "spec": parent["spec"], "config": cfg,
+            "parent": {"path": str(cfg["checkpoint"]), "sha256": file_hash(cfg["checkpoint"])}}
+    before = accuracy(model, test, cfg["batch_size"], seed=cfg["seed"])["mean"]
+    reporter.print(f"fine-tuning SNN-BP {arch} (T={cfg['timesteps']}, leak={cfg['leak']}, "
+                   f"surrogate={sur!r}, thresholds x{scale}) on {len(train)} images, {device}; "
+                   f"test accuracy before: {before:.2f}%")
+
+    def checkpoint_fn(state):
+        save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
+                              "metrics": {"history": state["history"], "test_acc_before": before},
+                              "train_state": state})
+
+    history = fit(model, train, test, optimizer=opt, scheduler=sched, epochs=cfg["epochs"],
+                  batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_fn=checkpoint_fn,
+                  resume=resume["train_state"] if resume else None, reporter=reporter,
+                  eval_batch_size=cfg["batch_size"])
+    return _finish(base, history, out, metrics_path, cfg, reporter, {"test_acc_before": before})
