@@ -66,11 +66,13 @@ class ANN(nn.Module):
         self.input_range = input_range
         for layer in spec.layers:
             self.add_module(layer.name, make_layer(layer, lambda: nn.ReLU(inplace=False), nn.Dropout))
-        for m in self.modules():  # the hybrid-training code's initialisation
+        # He initialisation (fan-out for convolutions as the hybrid-training code; fan-in
+        # for linear layers, where the code's N(0, 0.01) learned 2x slower without BN)
+        for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(quantize(x, self.input_bits), self.input_range)
