@@ -20,11 +20,16 @@ from snnadv.errors import SnnadvError
 from .options import common_options, flags
 
 
+#: subcommands in pipeline order (``snnadv --help`` lists them so)
+ORDER = ["train-ann", "convert", "finetune", "attack", "table", "evaluate", "analyze", "report",
+         "reproduce", "bench"]
+
+
 class PipelineGroup(click.Group):
-    """Lists subcommands in pipeline order (the order they were added), not alphabetically."""
+    """Lists subcommands in pipeline order, not alphabetically."""
 
     def list_commands(self, ctx):
-        return list(self.commands)
+        return sorted(self.commands, key=lambda c: (ORDER.index(c) if c in ORDER else len(ORDER), c))
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -102,6 +107,28 @@ def finetune(**kw):
     from snnadv.train import finetune as run
 
     run(resolve("finetune", kw.get("config"), flags(kw)))
+
+
+from . import robustness_cmds  # noqa: E402,F401  (registers attack, table)
+
+
+@cli.command("bench")
+@common_options
+@click.option("--preset", type=click.Choice(["auto", "cpu", "paper", "tiny"]),
+              help="auto (paper on CUDA, cpu otherwise) | cpu (small) | paper (T=100/2500) | tiny (smoke test).")
+@click.option("--arch", help="vgg5 | vgg11 | resnet20 | tiny (default: the preset's, vgg5).")
+@click.option("--timesteps", help="T of the SNN workloads: one number for all, or workload=T pairs, comma separated.")
+@click.option("--only", help="Workloads to run, comma separated: ann_train, snn_train, snn_infer, pgd.")
+@click.option("--iters", type=int, help="Timed iterations per workload (default: the preset's).")
+@click.option("--peak-tflops", type=float, help="Peak TFLOP/s for the hardware-limit column (CUDA default 989).")
+@click.option("--peak-tbps", type=float, help="Peak memory bandwidth in TB/s (default 4.8 on H200, 3.35 on H100).")
+def bench(**kw):
+    """Images/s and peak memory of ANN training, SNN-BP training, SNN inference and PGD,
+    against a plain snnTorch step-by-step loop (JSON in --out, default runs/bench.json)."""
+    from snnadv.bench import bench as run
+    from snnadv.bench import resolve_bench
+
+    run(resolve_bench(kw.get("config"), flags(kw)))
 
 
 def _int_list(text: str, name: str) -> list[int]:

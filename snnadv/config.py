@@ -47,6 +47,17 @@ STAGES = {
         "beta": 0.01, "gamma": 0.3, "epochs": 15, "lr": 1e-4, "lr_step": 5, "lr_gamma": 0.5,
         "weight_decay": 5e-4, "scale": None, "resume": False,
     },
+    "attack": {
+        "source": "ann", "target": None, "source_ckpt": None, "target_ckpt": None, "attack": "pgd",
+        "eps": "8/255", "alpha": "2/255", "steps": 7, "random_start": False, "timesteps": None,
+        "gradient": None, "input_bits": None, "eval_draws": 1, "targeted": False, "test_subset": 1000,
+    },
+    "table": {
+        "ann": None, "snn_conv": None, "snn_bp": None, "ann_ii": None, "snn_conv_ii": None,
+        "snn_bp_ii": None, "eps": "8/255", "alpha": "2/255", "steps": 7, "random_start": False,
+        "conv_timesteps": None, "bp_timesteps": None, "gradient": "alg1", "eval_draws": 1,
+        "input_bits": None, "test_subset": 1000, "tables": ["1", "2"],
+    },
 }
 
 #: the paper's ANN schedule per architecture: (epochs, lr, milestones)

@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from .checkpoint import file_hash, load_checkpoint, load_weights, model_settings, save_checkpoint, weights
+from .checkpoint import build_model, file_hash, load_checkpoint, load_weights, model_settings, save_checkpoint, weights
 from .config import check_positive, resolve_device
 from .data import batches, load_dataset
 from .errors import SnnadvError
-from .evaluate import summarize
+from .evaluate import accuracy
 from .models import SNN, ArchSpec
 from .models.spec import Block
 from .report import Reporter, write_json
@@ -125,7 +125,7 @@ def _run_until_stopped(snn: SNN, x: torch.Tensor, num_steps: int) -> None:
         h = snn.encoder(x, n)
         try:
             for name in snn._hidden:
-                h = snn._apply(getattr(snn, name), h)
+                h = snn._layer(getattr(snn, name), h)
         except _Stop:
             pass
         t0 += n
@@ -170,14 +170,14 @@ def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
     curve_steps = sorted({int(t) for t in cfg["curve"] if int(t) <= T} | {T})
     curve = accuracy_curve(snn, test, curve_steps, cfg.get("eval_batch_size") or cfg["batch_size"],
                            cfg["seed"], reporter)
-    reporter.table(f"SNN-conv {spec.arch}: test accuracy vs timesteps",
-                   ["timesteps"] + [str(t) for t in curve_steps],
-                   [["accuracy %"] + [curve[t] for t in curve_steps],
-                    ["ANN %", ann["metrics"].get("test_acc")] + [None] * (len(curve_steps) - 1)])
+    ann_acc = accuracy(build_model(ann, device), test, cfg["batch_size"])["mean"]
+    reporter.table(f"SNN-conv {spec.arch}: test accuracy (%) vs timesteps ({len(test)} test images)",
+                   ["model"] + [f"T={t}" for t in curve_steps] + ["ANN"],
+                   [["SNN-conv"] + [curve[t] for t in curve_steps] + [ann_acc]])
     out = cfg["out"] or f"runs/snn-conv-{spec.arch}-{cfg['dataset']}-s{cfg['seed']}.pt"
     settings = {**model_settings(snn), "finetune_scale": float(cfg["scale"])}
     metrics = {"test_acc": curve[T], "curve": {str(t): curve[t] for t in curve_steps},
-               "ann_test_acc": ann["metrics"].get("test_acc"), "thresholds": thresholds}
+               "ann_test_acc": ann_acc, "thresholds": thresholds}
     parent = {"path": str(cfg["checkpoint"]), "sha256": file_hash(cfg["checkpoint"])}
     path = save_checkpoint(out, {"stage": "snn-conv", "dataset": cfg["dataset"], "spec": ann["spec"],
                                  "model": settings, "state_dict": weights(snn), "config": cfg,

@@ -13,23 +13,12 @@ import statistics
 
 import torch
 
-from .data import Split, batches
+from .data import Split, to_float
 from .models import SNN
 
 
 def is_snn(model) -> bool:
     return isinstance(model, SNN)
-
-
-@torch.no_grad()
-def predict(model, images: torch.Tensor, batch_size: int = 256, num_steps: int | None = None) -> torch.Tensor:
-    """Predicted labels for float images in [0, 1] (the model's current encoder RNG)."""
-    preds = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        out = model(x, num_steps) if is_snn(model) else model(x)
-        preds.append(out.argmax(1))
-    return torch.cat(preds)
 
 
 def _draw_seeds(seed: int, draws: int) -> list[int]:
@@ -39,9 +28,18 @@ def _draw_seeds(seed: int, draws: int) -> list[int]:
 @torch.no_grad()
 def accuracy(model, split: Split, batch_size: int = 256, draws: int = 1, seed: int = 0,
              num_steps: int | None = None, advance=None) -> dict:
-    """Test accuracy (%) as ``{"mean", "std", "draws": [...]}``; eval mode, restored after.
+    """Test accuracy (%) on a split, as ``{"mean", "std", "draws": [...]}`` (see :func:`accuracy_on`)."""
+    return accuracy_on(model, to_float(split.images), split.labels, batch_size, draws, seed, num_steps, advance)
 
-    For an ANN ``draws`` is ignored (its output is deterministic).
+
+@torch.no_grad()
+def accuracy_on(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256, draws: int = 1,
+                seed: int = 0, num_steps: int | None = None, advance=None) -> dict:
+    """Accuracy (%) on float images in [0, 1]: mean and spread over ``draws`` encoder draws.
+
+    Each draw uses its own generator (seeded from ``seed``), so the same call gives
+    the same numbers.  For an ANN ``draws`` is ignored (its output is deterministic).
+    The model is evaluated in eval mode and returned to its previous mode.
     """
     was_training = model.training
     model.eval()
@@ -50,16 +48,15 @@ def accuracy(model, split: Split, batch_size: int = 256, draws: int = 1, seed: i
     try:
         for s in _draw_seeds(seed, draws if snn else 1):
             if snn:
-                g = torch.Generator(device=split.images.device)
-                g.manual_seed(s)
-                model.encoder.generator = g
+                model.encoder.generator = torch.Generator(device=images.device).manual_seed(s)
             correct = 0
-            for x, y in batches(split, batch_size, shuffle=False):
+            for i in range(0, len(images), batch_size):
+                x, y = images[i:i + batch_size], labels[i:i + batch_size]
                 out = model(x, num_steps) if snn else model(x)
                 correct += (out.argmax(1) == y).sum().item()
                 if advance:
                     advance(len(y))
-            results.append(100.0 * correct / len(split))
+            results.append(100.0 * correct / len(images))
     finally:
         if snn:
             model.encoder.generator = None

@@ -124,7 +124,7 @@ class SNN(nn.Module):
         self.first_layer_outputs = []
 
     # -- running -----------------------------------------------------------------
-    def _apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run one module on a [T, B, ...] chunk of frames."""
         if isinstance(module, LIF):
             if self.mode == "fused":
@@ -133,7 +133,7 @@ class SNN(nn.Module):
         if isinstance(module, TimeDropout):
             return module(x)
         if isinstance(module, BasicBlock):
-            return module(x, self._apply)
+            return module(x, self._layer)
         T, B = x.shape[:2]
         y = module(x.flatten(0, 1)).unflatten(0, (T, B))
         if module is self._first[0] and self.capture_first_layer and y.requires_grad:
@@ -168,7 +168,7 @@ class SNN(nn.Module):
             n = min(chunk, num_steps - t0)
             h = self.encoder(x, n) if frames is None else frames[t0:t0 + n]
             for name in self._hidden:
-                h = self._apply(getattr(self, name), h)
+                h = self._layer(getattr(self, name), h)
             if self.mode == "reference":
                 h = self._readout(h)
             csum = h.cumsum(0) if acc is None else acc.unsqueeze(0) + h.cumsum(0)
@@ -182,7 +182,7 @@ class SNN(nn.Module):
 
     def _readout(self, h: torch.Tensor) -> torch.Tensor:
         for name in self._tail:
-            h = self._apply(getattr(self, name), h)
+            h = self._layer(getattr(self, name), h)
         return h
 
     def forward(self, x: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:

@@ -1,0 +1,744 @@
+"""``snnadv bench``: throughput and peak memory of the four workloads of the paper.
+
+Workloads (each timed on synthetic images in [0, 1]: a benchmark measures speed,
+not accuracy):
+
+* ``ann_train``: SGD steps of the ANN (one implementation, reported once);
+* ``snn_train``: SNN-BP steps: forward over T timesteps, cross-entropy, BPTT, Adam;
+* ``snn_infer``: no-grad SNN forward at a large T (evaluation of SNN-conv; threshold
+  balancing during conversion runs the same forward, layer by layer);
+* ``pgd``: PGD-7 through the SNN, the input gradient taken straight through the
+  rate encoder (BPDA), as :mod:`snnadv.encoding` does.
+
+Every SNN workload runs twice in the same process: ``snnadv`` (the library's fused
+multi-step path, :class:`~snnadv.models.SNN`) and ``snntorch``, the loop a typical
+snnTorch user writes (:class:`PlainSnnTorchNet`: ``snn.Leaky`` per layer, a Python
+loop over time, one frame through every layer per step) with the same weights and
+thresholds, so both compute the same function (``tests/test_bench.py`` checks that).
+The ratio of the two throughputs is the speed-up.
+
+Timing excludes warm-up iterations; on CUDA the device is synchronised around
+the timed region.  Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and
+the peak increase of the process's resident set (sampled from
+``/proc/self/statm``) on the CPU, a rough proxy (the allocator keeps freed memory).
+
+The network is made active: thresholds are balanced on synthetic images as in
+conversion (a high percentile of each layer's input current), then scaled by 0.7
+for the SNN-BP workloads as fine-tuning does; the mean spike rate of every layer is
+measured and reported, so the reader knows the network was spiking.
+
+Hardware limit: the FLOPs of the convolutions and linear layers per image and
+timestep (x3 for training: forward, input and weight gradients; x2 per PGD step:
+forward and input gradient) and the bytes of neuron state an ideal fused kernel
+moves per image and timestep (forward: read the fp32 current, write a 1-byte spike;
+backward adds: read the fp32 spike gradient and the spike, write the fp32 current
+gradient), against the peak FLOP/s and memory bandwidth given (defaults on CUDA:
+989 TFLOP/s, dense bf16 of an H100/H200; 4.8 TB/s for an H200, 3.35 for an H100).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import snntorch as snn
+import torch
+import torch.nn.functional as F
+from snntorch import spikegen, surrogate
+from torch import nn
+
+from .checkpoint import load_weights
+from .config import COMMON, read_config, resolve_device
+from .errors import SnnadvError
+from .models import ANN, SNN, get_spec
+from .models.ann import BasicBlock, make_layer
+from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
+from .report import Reporter, write_json
+
+WORKLOADS = ("ann_train", "snn_train", "snn_infer", "pgd")
+IMPLS = ("snnadv", "snntorch")
+
+#: per preset: the architecture and, per workload, batch, T, timed iterations, warm-up iterations
+PRESETS = {
+    "cpu": {"arch": "vgg5", "workloads": {
+        "ann_train": {"batch": 64, "timesteps": 1, "iters": 3, "warmup": 1},
+        "snn_train": {"batch": 16, "timesteps": 32, "iters": 2, "warmup": 1},
+        "snn_infer": {"batch": 16, "timesteps": 256, "iters": 1, "warmup": 1},
+        "pgd": {"batch": 8, "timesteps": 32, "iters": 1, "warmup": 1},
+    }},
+    "paper": {"arch": "vgg5", "workloads": {
+        "ann_train": {"batch": 256, "timesteps": 1, "iters": 20, "warmup": 3},
+        "snn_train": {"batch": 64, "timesteps": 100, "iters": 5, "warmup": 2},
+        "snn_infer": {"batch": 256, "timesteps": 2500, "iters": 2, "warmup": 1},
+        "pgd": {"batch": 64, "timesteps": 100, "iters": 2, "warmup": 1},
+    }},
+    "tiny": {"arch": "tiny", "workloads": {
+        "ann_train": {"batch": 2, "timesteps": 1, "iters": 1, "warmup": 0},
+        "snn_train": {"batch": 2, "timesteps": 4, "iters": 1, "warmup": 0},
+        "snn_infer": {"batch": 2, "timesteps": 4, "iters": 1, "warmup": 0},
+        "pgd": {"batch": 2, "timesteps": 4, "iters": 1, "warmup": 0},
+    }},
+}
+
+#: settings of ``snnadv bench`` (beside the common ones); a config's [bench] table may set them
+BENCH = {"preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
+         "peak_tflops": None, "peak_tbps": None}
+
+PGD_STEPS, PGD_EPS, PGD_ALPHA = 7, 8 / 255, 2 / 255
+BP_LEAK, BP_SCALE = 0.99, 0.7   # SNN-BP: leak and threshold scale (the fine-tuning defaults)
+BALANCE_PERCENTILE = 99.9      # threshold balancing on synthetic images (see calibrate)
+BALANCE_STEPS, BALANCE_BATCH = 32, 8
+
+#: forward (read fp32 current, write 1-byte spike) and backward (read fp32 grad + spike, write fp32 grad)
+STATE_BYTES_FWD, STATE_BYTES_BWD = 5, 9
+
+
+# -- the baseline: a plain snnTorch loop ------------------------------------------------
+class _StepDropout(nn.Module):
+    """Dropout whose mask is drawn at the first step and kept for all steps of a forward
+    (the same semantics as the SNN's time dropout, so both nets compute one function)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+        self.mask = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        if self.mask is None or self.mask.shape != x.shape:
+            self.mask = torch.bernoulli(torch.full_like(x, 1.0 - self.p)) / (1.0 - self.p)
+        return x * self.mask
+
+
+class PlainSnnTorchNet(nn.Module):
+    """The network as a typical snnTorch user writes it: one ``snn.Leaky`` per spiking
+    layer, a Python loop over time calling every layer on one frame.
+
+    Same layer names as :class:`~snnadv.models.SNN`, so :meth:`load_from` copies its
+    weights; ``thresholds`` maps the spiking layers' names (``spec.activations``) to
+    their thresholds (missing: 1.0).  Output: the final layer's output summed over
+    time / T.  Surrogate: snnTorch's fast sigmoid (the training/attack backward
+    differs from the SNN's Eq. 4 surrogate; the forward is identical).
+    """
+
+    def __init__(self, spec: ArchSpec, leak: float = 1.0, thresholds: dict[str, float] | None = None,
+                 spike_grad=None):
+        super().__init__()
+        self.spec = spec
+        thresholds = thresholds or {}
+        names = iter(spec.activations)
+        spike_grad = spike_grad or surrogate.fast_sigmoid()
+
+        def leaky():
+            return snn.Leaky(beta=float(leak), threshold=float(thresholds.get(next(names), 1.0)),
+                             spike_grad=spike_grad, reset_mechanism="subtract")
+
+        self._names = [l.name for l in spec.layers]
+        for layer in spec.layers:  # make_layer builds a block's act1 before act2: names stay in order
+            self.add_module(layer.name, make_layer(layer, leaky, _StepDropout))
+        self._neuron_name = {id(m): n for n, m in self.named_modules() if isinstance(m, snn.Leaky)}
+        self.record = False  # when True, spike counts per layer go to self.spike_counts
+        self.spike_counts: dict[str, list[float]] = {}
+
+    @classmethod
+    def from_snn(cls, model: SNN, spike_grad=None) -> "PlainSnnTorchNet":
+        """The baseline of an :class:`SNN`: same leak, thresholds and weights."""
+        net = cls(model.spec, model.leak, model.thresholds(), spike_grad)
+        net.load_from(model)
+        return net.to(next(model.parameters()).device)
+
+    def load_from(self, model: nn.Module) -> None:
+        """Copy the synaptic weights of an SNN (or ANN) built from the same spec."""
+        load_weights(self, model.state_dict(), f"{model.spec.arch} weights")
+
+    def _reset(self) -> None:
+        for m in self.modules():
+            if isinstance(m, snn.Leaky):
+                m.reset_mem()
+            elif isinstance(m, _StepDropout):
+                m.mask = None
+
+    def _layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, snn.Leaky):
+            spk, _ = module(x)
+            if self.record:
+                c = self.spike_counts.setdefault(self._neuron_name[id(module)], [0.0, 0.0])
+                c[0] += float(spk.detach().sum())
+                c[1] += spk.numel()
+            return spk
+        if isinstance(module, BasicBlock):
+            return module(x, self._layer)
+        return module(x)
+
+    def forward_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Logits for input spike frames [T, B, C, H, W]: summed output / T."""
+        self._reset()
+        T = frames.shape[0]
+        acc = None
+        for t in range(T):
+            h = frames[t]
+            for name in self._names:
+                h = self._layer(getattr(self, name), h)
+            acc = h if acc is None else acc + h
+        return acc / T
+
+    def forward(self, x: torch.Tensor, num_steps: int = 100) -> torch.Tensor:
+        """Logits for images in [0, 1]: ``spikegen.rate`` frames, straight-through gradient."""
+        p = x.detach()
+        frames = spikegen.rate(p, num_steps=num_steps)
+        if x.requires_grad:
+            frames = frames + (x - p).unsqueeze(0)
+        return self.forward_frames(frames)
+
+    def spike_rates(self, x: torch.Tensor, num_steps: int) -> dict[str, float]:
+        """Mean spike rate (spikes per neuron per step) of every spiking layer on ``x``."""
+        was = self.training
+        self.eval()
+        self.record, self.spike_counts = True, {}
+        try:
+            with torch.no_grad():
+                self(x, num_steps)
+        finally:
+            self.record = False
+            self.train(was)
+        return {n: s / max(c, 1.0) for n, (s, c) in self.spike_counts.items()}
+
+
+# -- counting: FLOPs and neurons per image per timestep -----------------------------------
+def count_spec(spec: ArchSpec) -> dict:
+    """FLOPs of the convolutions and linear layers, and spiking neurons, per image per step."""
+    c, size, flops, neurons = spec.in_channels, spec.image_size, 0, 0
+
+    def conv(cin, cout, k, stride, pad, size):
+        out = (size + 2 * pad - k) // stride + 1
+        return 2 * k * k * cin * cout * out * out, out
+
+    for l in spec.layers:
+        if isinstance(l, Conv):
+            f, size = conv(l.cin, l.cout, l.k, l.stride, l.pad, size)
+            flops, c = flops + f, l.cout
+        elif isinstance(l, Linear):
+            flops, c, size = flops + 2 * l.fin * l.fout, l.fout, 1
+        elif isinstance(l, AvgPool):
+            size //= l.k
+        elif isinstance(l, Act):
+            neurons += c * size * size
+        elif isinstance(l, Block):
+            f1, out = conv(l.cin, l.cout, 3, l.stride, 1, size)
+            f2, _ = conv(l.cout, l.cout, 3, 1, 1, out)
+            fs = conv(l.cin, l.cout, 1, l.stride, 0, size)[0] if l.projection else 0
+            flops += f1 + f2 + fs
+            c, size = l.cout, out
+            neurons += 2 * c * size * size
+    return {"flops": flops, "neurons": neurons}
+
+
+def _work(name: str, counts: dict, T: int) -> tuple[float, float]:
+    """(FLOPs, neuron-state bytes) per image of one iteration of a workload."""
+    f, n = counts["flops"], counts["neurons"]
+    if name == "ann_train":
+        return 3.0 * f, 0.0
+    if name == "snn_train":
+        return 3.0 * f * T, float(n * T * (STATE_BYTES_FWD + STATE_BYTES_BWD))
+    if name == "snn_infer":
+        return float(f * T), float(n * T * STATE_BYTES_FWD)
+    # pgd: per step forward + input gradient (no weight gradient)
+    return PGD_STEPS * 2.0 * f * T, float(PGD_STEPS * n * T * (STATE_BYTES_FWD + STATE_BYTES_BWD))
+
+
+# -- measuring -------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _PeakMemory:
+    """Peak memory over a region: CUDA max allocated, or the sampled peak RSS increase on CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval = device, interval
+        self.bytes: int | None = None
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated (includes weights and inputs)"
+        return "peak RSS increase, sampled every 2 ms from /proc/self/statm (proxy)"
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        _malloc_trim()
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        if self.base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            r = _rss()
+            if r is not None and r > self.peak:
+                self.peak = r
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return False
+        if self.base is not None:
+            self._stop.set()
+            self._thread.join()
+            r = _rss()
+            self.peak = max(self.peak, r or 0)
+            self.bytes = int(self.peak - self.base)
+        return False
+
+
+def measure(step, *, batch: int, timesteps: int, iters: int, warmup: int, device: torch.device) -> dict:
+    """Run ``step()`` ``warmup`` times untimed, then ``iters`` times timed.
+
+    Peak memory covers warm-up and timed iterations (the first iteration allocates).
+    """
+    with _PeakMemory(device) as mem:
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    return {"images_per_s": batch * iters / seconds, "seconds": seconds, "peak_mem_bytes": mem.bytes,
+            "batch": batch, "timesteps": timesteps, "iters": iters, "warmup": warmup,
+            "memory_measure": mem.method}
+
+
+# -- models and data ------------------------------------------------------------------
+def synthetic_batch(spec: ArchSpec, batch: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images in [0, 1] and labels (generated on the CPU, so every device gets the same)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, spec.in_channels, spec.image_size, spec.image_size, generator=g)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def make_snn(spec: ArchSpec, weights: dict, thresholds: dict, leak: float, device) -> SNN:
+    model = SNN(spec, leak=leak, reset="subtract")
+    load_weights(model, weights, "benchmark weights")
+    model.set_thresholds(thresholds)
+    return model.to(device)
+
+
+def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak: float, device) -> nn.Module:
+    model = make_snn(spec, weights, thresholds, leak, device)
+    if impl == "snnadv":
+        return model
+    if impl == "snntorch":
+        return PlainSnnTorchNet.from_snn(model)
+    raise SnnadvError(f"unknown implementation '{impl}' (choose {', '.join(IMPLS)})")
+
+
+def calibrate(spec: ArchSpec, weights: dict, device, seed: int = 0) -> dict[str, float]:
+    """Thresholds that make the random-weight network spike: balanced as in conversion
+    (the ``BALANCE_PERCENTILE`` of each layer's input current) on synthetic images."""
+    from .convert import balance_thresholds
+
+    model = make_snn(spec, weights, {}, 1.0, device)
+    x, _ = synthetic_batch(spec, BALANCE_BATCH, device, seed + 1)
+    return balance_thresholds(model, [x], BALANCE_STEPS, BALANCE_PERCENTILE)
+
+
+# -- the workloads ------------------------------------------------------------------------
+def ann_train(spec: ArchSpec, weights: dict, *, batch: int, iters: int, warmup: int, device,
+              seed: int = 0, **_) -> dict:
+    """SGD steps of the ANN (momentum 0.9), batch of synthetic images."""
+    model = ANN(spec).to(device)
+    load_weights(model, weights, "benchmark weights")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x, y = synthetic_batch(spec, batch, device, seed)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return measure(step, batch=batch, timesteps=1, iters=iters, warmup=warmup, device=device)
+
+
+def snn_train(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
+              iters: int, warmup: int, device, seed: int = 0, leak: float = BP_LEAK) -> dict:
+    """SNN-BP steps: forward at T, cross-entropy, backward through time, Adam."""
+    model = make_model(impl, spec, weights, thresholds, leak, device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
+    x, y = synthetic_batch(spec, batch, device, seed)
+
+    def step():
+        loss = F.cross_entropy(model(x, timesteps), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return measure(step, batch=batch, timesteps=timesteps, iters=iters, warmup=warmup, device=device)
+
+
+def snn_infer(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
+              iters: int, warmup: int, device, seed: int = 0, leak: float = 1.0) -> dict:
+    """No-grad forward of the converted (IF) SNN at a large T (evaluation)."""
+    model = make_model(impl, spec, weights, thresholds, leak, device).eval()
+    x, _ = synthetic_batch(spec, batch, device, seed)
+
+    def step():
+        with torch.no_grad():
+            model(x, timesteps)
+
+    return measure(step, batch=batch, timesteps=timesteps, iters=iters, warmup=warmup, device=device)
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, timesteps: int, steps: int = PGD_STEPS,
+               eps: float = PGD_EPS, alpha: float = PGD_ALPHA) -> torch.Tensor:
+    """L-inf PGD from the clean image; the gradient is w.r.t. the input only (the
+    models' encoders pass it straight through the sampling)."""
+    xa = x.clone()
+    for _ in range(steps):
+        xa.requires_grad_(True)
+        loss = F.cross_entropy(model(xa, timesteps), y)
+        (g,) = torch.autograd.grad(loss, xa)
+        xa = xa.detach() + alpha * g.sign()
+        xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0.0, 1.0)
+    return xa
+
+
+def pgd(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
+        iters: int, warmup: int, device, seed: int = 0, leak: float = BP_LEAK) -> dict:
+    """PGD-7 on the SNN-BP network (one iteration = one batch attacked with 7 steps)."""
+    model = make_model(impl, spec, weights, thresholds, leak, device).eval()
+    x, y = synthetic_batch(spec, batch, device, seed)
+    return measure(lambda: pgd_attack(model, x, y, timesteps), batch=batch, timesteps=timesteps,
+                   iters=iters, warmup=warmup, device=device)
+
+
+_FUNCS = {"ann_train": ann_train, "snn_train": snn_train, "snn_infer": snn_infer, "pgd": pgd}
+
+
+# -- settings -----------------------------------------------------------------------------
+def resolve_bench(config=None, flags: dict | None = None) -> dict:
+    """Settings of ``snnadv bench``: defaults < config [common] < config [bench] < flags."""
+    data = config if isinstance(config, dict) else read_config(config)
+    known = {**COMMON, **BENCH}
+    cfg = {**known, "batch_size": None}
+    for table in ("common", "bench"):
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise SnnadvError(f"[{table}] in the config must be a table")
+        for key, value in section.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                if table == "common":
+                    continue
+                raise SnnadvError(f"unknown setting '{key}' in [bench] (known: {', '.join(sorted(known))})")
+            cfg[key] = value
+    for key, value in (flags or {}).items():
+        if value is not None and key != "config":
+            cfg[key] = value
+    cfg["stage"] = "bench"
+    return cfg
+
+
+def _per_workload(value, name: str, what: str) -> dict:
+    """``32`` (every SNN workload) or ``"snn_train=32,snn_infer=256"`` -> {workload: int}."""
+    if value is None:
+        return {}
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = {w: value for w in WORKLOADS if w != "ann_train"}
+    elif isinstance(value, dict):
+        out = dict(value)
+    else:
+        out = {}
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, v = part.partition("=")
+            try:
+                if sep:
+                    out[key.strip()] = int(v)
+                else:
+                    out.update({w: int(key) for w in WORKLOADS if w != "ann_train"})
+            except ValueError:
+                raise SnnadvError(f"{name} takes an integer or workload=integer pairs, got '{value}'") from None
+    for k, v in out.items():
+        if k not in WORKLOADS:
+            raise SnnadvError(f"{name}: unknown workload '{k}' (choose {', '.join(WORKLOADS)})")
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if what == "warmup" else 1):
+            raise SnnadvError(f"{name} must be a positive integer, got {v}")
+    return out
+
+
+def _only(value) -> list[str]:
+    if value is None:
+        return list(WORKLOADS)
+    names = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+    for n in names:
+        if n not in WORKLOADS:
+            raise SnnadvError(f"--only: unknown workload '{n}' (choose {', '.join(WORKLOADS)})")
+    if not names:
+        raise SnnadvError("--only selects no workload")
+    return [w for w in WORKLOADS if w in names]
+
+
+def plan(cfg: dict, device: torch.device) -> tuple[str, str, dict]:
+    """(preset, arch, {workload: settings}) after overrides."""
+    preset = cfg.get("preset") or "auto"
+    if preset == "auto":
+        preset = "paper" if device.type == "cuda" else "cpu"
+    if preset not in PRESETS:
+        raise SnnadvError(f"unknown preset '{preset}' (choose auto, {', '.join(PRESETS)})")
+    arch = cfg.get("arch") or PRESETS[preset]["arch"]
+    steps = _per_workload(cfg.get("timesteps"), "--timesteps", "timesteps")
+    iters = _per_workload(cfg.get("iters"), "--iters", "iters")
+    if isinstance(cfg.get("iters"), int):
+        iters["ann_train"] = cfg["iters"]
+    warm = _per_workload(cfg.get("warmup"), "warmup", "warmup")
+    if isinstance(cfg.get("warmup"), int):
+        warm["ann_train"] = cfg["warmup"]
+    batch = cfg.get("batch_size")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise SnnadvError(f"batch size must be a positive integer, got {batch}")
+    out = {}
+    for w in _only(cfg.get("only")):
+        s = dict(PRESETS[preset]["workloads"][w])
+        if w != "ann_train" and w in steps:
+            s["timesteps"] = steps[w]
+        s["iters"] = iters.get(w, s["iters"])
+        s["warmup"] = warm.get(w, s["warmup"])
+        if batch:
+            s["batch"] = batch
+        out[w] = s
+    return preset, arch, out
+
+
+def _device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "snntorch": snn.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32), "dtype": "float32",
+            "python": platform.python_version()}
+
+
+def default_peaks(device: torch.device) -> tuple[float | None, float | None]:
+    """(peak TFLOP/s, peak TB/s): 989 dense bf16 for Hopper; HBM 4.8 TB/s H200, 3.35 H100."""
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    tbps = 4.8 if "H200" in name else 3.35 if "H100" in name else None
+    return 989.0, tbps
+
+
+def hardware(name: str, row: dict, counts: dict, peak_tflops, peak_tbps) -> dict:
+    """How far a measured row is from the hardware limit."""
+    flops, nbytes = _work(name, counts, row["timesteps"])
+    ips = row["images_per_s"]
+    out = {"flops_per_image": flops, "state_bytes_per_image": nbytes,
+           "achieved_tflops": flops * ips / 1e12, "achieved_state_tbps": nbytes * ips / 1e12,
+           "peak_tflops": peak_tflops, "peak_tbps": peak_tbps,
+           "pct_peak_flops": None, "pct_peak_bandwidth": None, "bound_images_per_s": None, "pct_of_bound": None}
+    if peak_tflops:
+        out["pct_peak_flops"] = 100.0 * out["achieved_tflops"] / peak_tflops
+    if peak_tbps:
+        out["pct_peak_bandwidth"] = 100.0 * out["achieved_state_tbps"] / peak_tbps
+    if peak_tflops and (peak_tbps or not nbytes):
+        t = max(flops / (peak_tflops * 1e12), nbytes / (peak_tbps * 1e12) if peak_tbps else 0.0)
+        out["bound_images_per_s"] = 1.0 / t
+        out["pct_of_bound"] = 100.0 * ips / out["bound_images_per_s"]
+    return out
+
+
+def goals(device: torch.device, arch: str, rows: list[dict]) -> list[dict]:
+    """The issue's targets, checked against this run (``applies``: settings match the target's)."""
+    by = {(r["workload"], r["impl"]): r for r in rows}
+    out = []
+    tr = by.get(("snn_train", "snnadv"))
+    if tr is not None and tr.get("speedup") is not None:
+        if device.type == "cuda":
+            out.append({"goal": "SNN-BP training VGG5 T=100 batch>=64: >= 20x plain snnTorch",
+                        "value": tr["speedup"], "target": 20.0, "met": tr["speedup"] >= 20.0,
+                        "applies": arch == "vgg5" and tr["timesteps"] == 100 and tr["batch"] >= 64})
+        else:
+            out.append({"goal": "CPU: SNN-BP training VGG5 T=32 batch 16: >= 2x plain snnTorch",
+                        "value": tr["speedup"], "target": 2.0, "met": tr["speedup"] >= 2.0,
+                        "applies": arch == "vgg5" and tr["timesteps"] == 32 and tr["batch"] == 16})
+    if device.type == "cuda" and tr is not None:
+        out.append({"goal": "SNN-BP training VGG5 T=100 batch>=64: >= 2000 images/s",
+                    "value": tr["images_per_s"], "target": 2000.0, "met": tr["images_per_s"] >= 2000.0,
+                    "applies": arch == "vgg5" and tr["timesteps"] == 100 and tr["batch"] >= 64})
+    inf = by.get(("snn_infer", "snnadv"))
+    if device.type == "cuda" and inf is not None:
+        sec = 10000 / inf["images_per_s"]
+        out.append({"goal": "SNN evaluation T=2500 of 10,000 test images: < 120 s", "value": sec,
+                    "target": 120.0, "met": sec < 120.0, "applies": arch == "vgg5" and inf["timesteps"] == 2500})
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------
+def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
+    """Run the selected workloads for both implementations; returns every number."""
+    reporter = reporter or Reporter(quiet=True)
+    device = resolve_device(cfg.get("device") or "auto")
+    preset, arch, work = plan(cfg, device)
+    from .data import DATASETS
+
+    dataset = cfg.get("dataset") or "cifar10"
+    if dataset not in DATASETS:
+        raise SnnadvError(f"unknown dataset '{dataset}' (choose {', '.join(DATASETS)})")
+    spec = get_spec(arch, DATASETS[dataset])
+    seed = int(cfg.get("seed") or 0)
+    peak_tflops, peak_tbps = default_peaks(device)
+    peak_tflops = cfg.get("peak_tflops") or peak_tflops
+    peak_tbps = cfg.get("peak_tbps") or peak_tbps
+    cudnn_was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    try:
+        torch.manual_seed(seed)
+        weights = {k: v for k, v in ANN(spec).state_dict().items()}  # He init, as a fresh ANN
+        counts = count_spec(spec)
+        result = {"preset": preset, "arch": arch, "dataset": dataset, "num_classes": spec.num_classes,
+                  **_device_info(device), "load_avg_before": load_before,
+                  "per_image_per_step": counts, "pgd": {"steps": PGD_STEPS, "eps": PGD_EPS, "alpha": PGD_ALPHA},
+                  "snn_bp": {"leak": BP_LEAK, "threshold_scale": BP_SCALE, "surrogate_snnadv": "stdb (Eq. 4)",
+                             "surrogate_snntorch": "fast_sigmoid(slope=25)"}}
+        thresholds, rates = {}, {}
+        if any(w != "ann_train" for w in work):
+            reporter.print(f"calibrating thresholds of {arch} (balancing on {BALANCE_BATCH} synthetic images, "
+                           f"T={BALANCE_STEPS}, percentile {BALANCE_PERCENTILE})")
+            conv = calibrate(spec, weights, device, seed)
+            thresholds = {"snn_conv": conv, "snn_bp": {k: v * BP_SCALE for k, v in conv.items()}}
+            x, _ = synthetic_batch(spec, BALANCE_BATCH, device, seed + 2)
+            for net, leak in (("snn_conv", 1.0), ("snn_bp", BP_LEAK)):
+                base = PlainSnnTorchNet.from_snn(make_snn(spec, weights, thresholds[net], leak, device))
+                rates[net] = base.spike_rates(x, BALANCE_STEPS)
+        result["thresholds"], result["spike_rates"] = thresholds, rates
+        rows = []
+        for w, s in work.items():
+            impls = ["torch"] if w == "ann_train" else list(IMPLS)
+            net = "snn_conv" if w == "snn_infer" else "snn_bp"
+            for impl in impls:
+                reporter.print(f"{w} [{impl}]: batch {s['batch']}, T={s['timesteps']}, "
+                               f"{s['warmup']} warm-up + {s['iters']} timed iteration(s)")
+                torch.manual_seed(seed)
+                kw = dict(batch=s["batch"], iters=s["iters"], warmup=s["warmup"], device=device, seed=seed)
+                if w == "ann_train":
+                    row = ann_train(spec, weights, **kw)
+                else:
+                    row = _FUNCS[w](spec, weights, impl=impl, thresholds=thresholds[net],
+                                    timesteps=s["timesteps"], **kw)
+                row = {"workload": w, "impl": impl, **row, "network": None if w == "ann_train" else net}
+                row["hardware"] = hardware(w, row, counts, peak_tflops, peak_tbps)
+                rows.append(row)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        for r in rows:
+            other = next((o for o in rows if o["workload"] == r["workload"] and o["impl"] == "snntorch"), None)
+            r["speedup"] = r["images_per_s"] / other["images_per_s"] if other and r["impl"] == "snnadv" else None
+        infer = next((r for r in rows if r["workload"] == "snn_infer" and r["impl"] == "snnadv"), None)
+        result["rows"] = rows
+        result["speedups"] = {r["workload"]: r["speedup"] for r in rows if r["speedup"] is not None}
+        result["seconds_for_10k_test_images"] = 10000 / infer["images_per_s"] if infer else None
+        result["goals"] = goals(device, arch, rows)
+        result["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        return result
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_was
+
+
+def _mem(v) -> str:
+    return "n/a" if v is None else f"{v / 2**20:.0f} MiB"
+
+
+def print_result(result: dict, reporter: Reporter) -> None:
+    rows = []
+    for r in result["rows"]:
+        rows.append([r["workload"], r["impl"], r["batch"], r["timesteps"], f"{r['images_per_s']:.4g}",
+                     _mem(r["peak_mem_bytes"]), None if r["speedup"] is None else f"{r['speedup']:.2f}x"])
+    mem = result["rows"][0]["memory_measure"] if result["rows"] else ""
+    reporter.table(f"snnadv bench: {result['arch']} on {result['device_name']} ({result['device']}, "
+                   f"{result['threads']} threads, torch {result['torch']}); peak mem = {mem}",
+                   ["workload", "impl", "batch", "T", "images/s", "peak mem", "speed-up vs snntorch"], rows)
+    hw = []
+    for r in result["rows"]:
+        h = r["hardware"]
+        hw.append([r["workload"], r["impl"], f"{h['flops_per_image'] / 1e9:.3g}", f"{h['achieved_tflops']:.3g}",
+                   None if h["pct_peak_flops"] is None else f"{h['pct_peak_flops']:.2f}%",
+                   f"{h['state_bytes_per_image'] / 2**20:.3g}",
+                   None if h["pct_peak_bandwidth"] is None else f"{h['pct_peak_bandwidth']:.2f}%",
+                   None if h["pct_of_bound"] is None else f"{h['pct_of_bound']:.2f}%"])
+    pk = result["rows"][0]["hardware"] if result["rows"] else {}
+    reporter.table(f"hardware limit (peak {pk.get('peak_tflops') or '-'} TFLOP/s, {pk.get('peak_tbps') or '-'} TB/s)",
+                   ["workload", "impl", "GFLOP/image", "TFLOP/s", "% peak FLOP/s", "state MiB/image",
+                    "% peak bandwidth", "% of bound"], hw)
+    for net, rates in result.get("spike_rates", {}).items():
+        reporter.print(f"spike rate {net}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in rates.items()))
+    if result.get("seconds_for_10k_test_images") is not None:
+        reporter.print(f"SNN evaluation of 10,000 test images at T="
+                       f"{next(r['timesteps'] for r in result['rows'] if r['workload'] == 'snn_infer')}: "
+                       f"{result['seconds_for_10k_test_images']:.1f} s (projected)")
+    for g in result.get("goals", []):
+        state = "[green]met[/]" if g["met"] else "[red]not met[/]"
+        reporter.print(f"goal: {g['goal']}: {g['value']:.3g} -> {state}"
+                       + ("" if g["applies"] else " (settings differ from the goal's)"))
+
+
+def bench(cfg: dict, reporter: Reporter | None = None) -> dict:
+    """``snnadv bench``: run, print the table, write the JSON (``--out``, default runs/bench.json)."""
+    reporter = reporter or Reporter(quiet=bool(cfg.get("quiet")))
+    result = run_bench(cfg, reporter)
+    out = Path(cfg.get("out") or "runs/bench.json")
+    if out.suffix != ".json":
+        out = out / "bench.json"
+    result["config"] = {k: v for k, v in cfg.items()}
+    print_result(result, reporter)
+    write_json(out, result)
+    reporter.print(f"[green]saved[/] {out}")
+    return result

@@ -1,0 +1,274 @@
+"""Whitebox and blackbox robustness: ``snnadv attack`` and the paper's Tables 1 and 2.
+
+Terms (paper Sec. 4.1-4.2):
+
+* **source**: the model the adversarial images are crafted on; **target**: the model
+  they are evaluated on.  Whitebox: source = target.  Blackbox: the source is a
+  separately trained model (another seed) of the same architecture.
+* An SNN source needs a gradient path: ``alg1`` (paper Algorithm 1) or ``bptt``
+  (straight-through BPTT); see :mod:`snnadv.gradients`.  The report names it.
+* SNN accuracies are means over ``eval_draws`` encoder draws (spread reported).
+
+:func:`run_table` crafts each adversarial set once and evaluates it on every
+target that needs it (the blackbox ANN-II sets serve Table 1 and Table 2).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .attacks import check_eps, make_attack, parse_eps
+from .checkpoint import build_model, file_hash, load_checkpoint
+from .config import resolve_device
+from .data import load_split, to_float
+from .errors import SnnadvError
+from .evaluate import accuracy_on, is_snn
+from .gradients import make_gradient
+from .report import Reporter, write_json
+
+KINDS = ("ann", "snn-conv", "snn-bp")
+
+
+def load_attack_model(path, kind: str | None, device, num_steps=None, input_bits=None):
+    """A model from a checkpoint, checked against the expected kind, with its hash."""
+    ckpt = load_checkpoint(path, kind)
+    model = build_model(ckpt, device, num_steps=num_steps if ckpt["stage"] != "ann" else None,
+                        input_bits=input_bits)
+    return model, {"path": str(path), "sha256": file_hash(path), "stage": ckpt["stage"],
+                   "arch": ckpt["spec"]["arch"], "dataset": ckpt["dataset"],
+                   "num_steps": getattr(model, "num_steps", None)}, ckpt
+
+
+def check_compatible(a: dict, b: dict, ckpt_a: dict, ckpt_b: dict) -> None:
+    """Source and target must share the dataset and the input size."""
+    if a["dataset"] != b["dataset"]:
+        raise SnnadvError(f"source '{a['path']}' is a {a['dataset']} model but target '{b['path']}' "
+                          f"is a {b['dataset']} model")
+    sa, sb = ckpt_a["spec"], ckpt_b["spec"]
+    if (sa.get("in_channels"), sa.get("image_size")) != (sb.get("in_channels"), sb.get("image_size")):
+        raise SnnadvError("source and target take inputs of different sizes")
+
+
+def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, advance=None,
+          target_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial versions of ``images`` (float [0, 1]), batch by batch."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        t = None if target_labels is None else target_labels[i:i + batch_size]
+        out.append(attack(images[i:i + batch_size], labels[i:i + batch_size], t))
+        if advance:
+            advance(len(out[-1]))
+    return torch.cat(out)
+
+
+def _seeded(model, seed: int, device):
+    """Give an SNN source a fixed encoder generator (reproducible crafting)."""
+    if is_snn(model):
+        model.encoder.generator = torch.Generator(device=device).manual_seed(seed)
+
+
+def _attack_settings(cfg: dict) -> dict:
+    eps, alpha = parse_eps(cfg["eps"]), parse_eps(cfg["alpha"])
+    steps = int(cfg["steps"])
+    warnings = check_eps(eps, alpha if cfg.get("attack", "pgd") == "pgd" else None, steps)
+    return {"eps": eps, "alpha": alpha, "steps": steps, "random_start": bool(cfg["random_start"]),
+            "warnings": warnings}
+
+
+def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
+    """``snnadv attack``: craft on the source, evaluate clean and adversarial accuracy of the target."""
+    reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
+    if cfg["source_ckpt"] is None:
+        raise SnnadvError("attack needs --source-ckpt")
+    for role in ("source", "target"):
+        if cfg[role] is not None and cfg[role] not in KINDS:
+            raise SnnadvError(f"unknown {role} kind '{cfg[role]}' (choose {', '.join(KINDS)})")
+    settings = _attack_settings(cfg)
+    for w in settings["warnings"]:
+        reporter.print(f"[yellow]warning:[/] {w}")
+    if cfg["source"] == "ann" and cfg["gradient"] is not None:
+        raise SnnadvError("--gradient applies to SNN sources only; an ANN source uses autograd")
+    device = resolve_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    source, src_info, src_ckpt = load_attack_model(cfg["source_ckpt"], cfg["source"], device,
+                                                   cfg["timesteps"], cfg["input_bits"])
+    target_ckpt = cfg["target_ckpt"] or cfg["source_ckpt"]
+    target_kind = cfg["target"] or (cfg["source"] if cfg["target_ckpt"] is None else None)
+    target, tgt_info, tgt_ckpt = load_attack_model(target_ckpt, target_kind, device, cfg["timesteps"],
+                                                   cfg["input_bits"])
+    check_compatible(src_info, tgt_info, src_ckpt, tgt_ckpt)
+    whitebox = src_info["sha256"] == tgt_info["sha256"] and src_info["num_steps"] == tgt_info["num_steps"]
+    test = load_split(src_info["dataset"], cfg["data_dir"], train=False, device=device,
+                      subset=cfg["test_subset"], download=cfg["download"])
+    images, labels = to_float(test.images), test.labels
+    gradient = make_gradient(source, cfg["gradient"]) if is_snn(source) else make_gradient(source)
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+    attack = make_attack(cfg["attack"], source, settings["eps"], settings["alpha"], settings["steps"],
+                         settings["random_start"], gradient, bool(cfg["targeted"]), gen)
+    targets = None
+    if cfg["targeted"]:
+        shift = torch.randint(1, _num_classes(tgt_ckpt), labels.shape, generator=gen, device=device)
+        targets = (labels + shift) % _num_classes(tgt_ckpt)
+    _seeded(source, cfg["seed"], device)
+    t0 = time.perf_counter()
+    with reporter.progress(f"crafting {cfg['attack']} on {src_info['stage']} ({gradient.name})", len(images)) as adv:
+        x_adv = craft(attack, images, labels, cfg["batch_size"], adv, targets)
+    craft_s = time.perf_counter() - t0
+    draws, bs = int(cfg["eval_draws"]), cfg["batch_size"]
+    clean = accuracy_on(target, images, labels, bs, draws, cfg["seed"])
+    adv_acc = accuracy_on(target, x_adv, labels, bs, draws, cfg["seed"])
+    linf = (x_adv - images).abs().amax().item()
+    result = {
+        "attack": cfg["attack"], **{k: v for k, v in settings.items() if k != "warnings"},
+        "targeted": bool(cfg["targeted"]), "gradient": gradient.name, "mode": "whitebox" if whitebox else "blackbox",
+        "source": src_info, "target": tgt_info, "images": len(images), "eval_draws": draws,
+        "clean_acc": clean, "adv_acc": adv_acc, "max_linf": linf, "craft_seconds": craft_s,
+        "target_success": None if targets is None else
+        float((_predict(target, x_adv, bs, cfg["seed"]) == targets).float().mean() * 100),
+        "config": cfg, "warnings": settings["warnings"],
+    }
+    pm = "±"
+    reporter.table(f"{result['mode']} {cfg['attack'].upper()} eps={settings['eps']:.4f}: "
+                   f"{src_info['stage']} ({gradient.name}) -> {tgt_info['stage']}",
+                   ["target", "clean %", "adversarial %", "images", "draws"],
+                   [[tgt_info["stage"], f"{clean['mean']:.2f}{pm}{clean['std']:.2f}",
+                     f"{adv_acc['mean']:.2f}{pm}{adv_acc['std']:.2f}", len(images), draws]])
+    out = Path(cfg["out"] or "runs/attack.json")
+    write_json(out if out.suffix == ".json" else out / "attack.json", result)
+    return result
+
+
+def _num_classes(ckpt: dict) -> int:
+    return int(ckpt["spec"]["num_classes"])
+
+
+@torch.no_grad()
+def _predict(model, images, batch_size, seed):
+    if is_snn(model):
+        model.encoder.generator = torch.Generator(device=images.device).manual_seed(seed)
+    try:
+        return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    finally:
+        if is_snn(model):
+            model.encoder.generator = None
+
+
+# --------------------------------------------------------------------------- tables
+ROLES = {"ann": "ANN", "snn_conv": "SNN-conv", "snn_bp": "SNN-BP"}
+
+
+def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
+    """Paper Table 1 (whitebox + blackbox from ANN-II) and Table 2 (sources II x targets I)."""
+    reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
+    settings = _attack_settings(cfg)
+    device = resolve_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    steps_for = {"ann": None, "snn_conv": cfg["conv_timesteps"], "snn_bp": cfg["bp_timesteps"]}
+    models, infos = {}, {}
+    for role in ROLES:
+        for suffix in ("", "_ii"):
+            key = role + suffix
+            if cfg[key] is None:
+                raise SnnadvError(f"table needs the '{key}' checkpoint (set it in [table] of the config)")
+            models[key], infos[key], ckpt = load_attack_model(cfg[key], role.replace("_", "-"), device,
+                                                              steps_for[role], cfg["input_bits"])
+    datasets = {i["dataset"] for i in infos.values()}
+    if len(datasets) != 1:
+        raise SnnadvError(f"the table's checkpoints mix datasets: {sorted(datasets)}")
+    test = load_split(datasets.pop(), cfg["data_dir"], train=False, device=device, subset=cfg["test_subset"],
+                      download=cfg["download"])
+    images, labels = to_float(test.images), test.labels
+    bs, draws, seed = cfg["batch_size"], int(cfg["eval_draws"]), cfg["seed"]
+    cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def adversarial(source_key: str, attack_name: str) -> torch.Tensor:
+        if (source_key, attack_name) not in cache:
+            model = models[source_key]
+            grad = make_gradient(model, cfg["gradient"] if is_snn(model) else None)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
+                              settings["random_start"], grad, False, gen)
+            _seeded(model, seed, device)
+            with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv:
+                cache[(source_key, attack_name)] = craft(atk, images, labels, bs, adv)
+            if is_snn(model):
+                model.encoder.generator = None
+        return cache[(source_key, attack_name)]
+
+    def acc(target_key: str, x: torch.Tensor) -> dict:
+        return accuracy_on(models[target_key], x, labels, bs, draws, seed)
+
+    result = {"settings": {k: v for k, v in settings.items() if k != "warnings"}, "gradient": cfg["gradient"],
+              "eval_draws": draws, "images": len(images), "models": infos, "config": cfg}
+    roles = list(ROLES)
+    if "1" in [str(t) for t in cfg["tables"]]:
+        t1 = {"clean": {r: acc(r, images) for r in roles}, "whitebox": {}, "blackbox": {}}
+        for a in ("fgsm", "pgd"):
+            t1["whitebox"][a] = {r: acc(r, adversarial(r, a)) for r in roles}
+            t1["blackbox"][a] = {r: acc(r, adversarial("ann_ii", a)) for r in roles}
+        result["table1"] = t1
+    if "2" in [str(t) for t in cfg["tables"]]:
+        result["table2"] = {a: {s + "_ii": {t: acc(t, adversarial(s + "_ii", a)) for t in roles} for s in roles}
+                            for a in ("fgsm", "pgd")}
+    _print_tables(result, reporter)
+    out = Path(cfg["out"] or "runs/table")
+    out = out.parent / out.stem if out.suffix else out
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "tables.json", result)
+    (out / "tables.md").write_text(tables_markdown(result))
+    reporter.print(f"[green]saved[/] {out / 'tables.json'} and {out / 'tables.md'}")
+    return result
+
+
+def _m(d: dict) -> float:
+    return d["mean"]
+
+
+def _cell(d: dict) -> str:
+    return f"{d['mean']:.1f}" if d["std"] == 0 else f"{d['mean']:.1f}±{d['std']:.1f}"
+
+
+def table_rows(result: dict) -> dict:
+    """The tables as lists of rows (shared by the terminal and Markdown output)."""
+    rows = {}
+    roles = list(ROLES)
+    if "table1" in result:
+        t1 = result["table1"]
+        r = [["Clean"] + [_cell(t1["clean"][x]) for x in roles] + ["—"]
+             + [_cell(t1["clean"][x]) for x in roles] + ["—"]]
+        for a in ("fgsm", "pgd"):
+            wb, bb = t1["whitebox"][a], t1["blackbox"][a]
+            r.append([a.upper()] + [_cell(wb[x]) for x in roles] + [f"{_m(wb['snn_bp']) - _m(wb['ann']):+.1f}"]
+                     + [_cell(bb[x]) for x in roles] + [f"{_m(bb['snn_bp']) - _m(bb['ann']):+.1f}"])
+        rows["table1"] = (["", "WB ANN", "WB SNN-conv", "WB SNN-BP", "WB Δ", "BB ANN", "BB SNN-conv",
+                           "BB SNN-BP", "BB Δ"], r)
+    if "table2" in result:
+        t2 = result["table2"]
+        header = ["source \\ target"] + [f"FGSM {ROLES[t]}-I" for t in roles] + [f"PGD {ROLES[t]}-I" for t in roles]
+        r = [[f"{ROLES[s]}-II"] + [_cell(t2["fgsm"][s + "_ii"][t]) for t in roles]
+             + [_cell(t2["pgd"][s + "_ii"][t]) for t in roles] for s in roles]
+        rows["table2"] = (header, r)
+    return rows
+
+
+TITLES = {"table1": "Table 1: clean and adversarial accuracy (%), whitebox (WB) and blackbox (BB, crafted on ANN-II)",
+          "table2": "Table 2: blackbox accuracy (%), sources (II) x targets (I)"}
+
+
+def _print_tables(result: dict, reporter: Reporter) -> None:
+    for key, (header, rows) in table_rows(result).items():
+        reporter.table(TITLES[key], header, rows)
+
+
+def tables_markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"eps = {s['eps']:.4f}, PGD alpha = {s['alpha']:.4f}, {s['steps']} steps, "
+             f"random start: {s['random_start']}; SNN gradient: {result['gradient']}; "
+             f"{result['images']} test images; SNN accuracies: mean over {result['eval_draws']} encoder draw(s)", ""]
+    for key, (header, rows) in table_rows(result).items():
+        lines += [f"**{TITLES[key]}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
+    return "\n".join(lines)
