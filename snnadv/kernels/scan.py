@@ -33,62 +33,68 @@ from __future__ import annotations
 import torch
 
 
-def _step_dt(dt: torch.Tensor, spk: torch.Tensor) -> torch.Tensor:
-    return torch.where(spk, torch.ones_like(dt), dt + 1.0)
-
-
 class _LIFScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate):
         T = current.shape[0]
-        spikes = torch.empty(current.shape, dtype=torch.bool, device=current.device)
+        out = torch.empty(current.shape, dtype=current.dtype, device=current.device)
         keep_mem = surrogate.needs_mem and ctx.needs_input_grad[0]
         mems = torch.empty(current.shape, dtype=torch.float32, device=current.device) if keep_mem else None
-        mem = mem0.detach().float()
-        dt = dt0.clone()
-        spk_prev = mem > thr
-        for t in range(T):
+        mem = mem0.detach().float().clone()
+        prev = (mem > thr).to(current.dtype)  # the spike of step -1 (resets at step 0)
+        for t in range(T):  # in place: no allocation per step
             if hard:
-                mem = leak * mem * (~spk_prev) + current[t]
-            else:
-                mem = leak * mem + current[t] - thr * spk_prev
-            spk_prev = mem > thr
-            spikes[t] = spk_prev
-            dt = _step_dt(dt, spk_prev)
+                mem.mul_(1.0 - prev)
+            if leak != 1.0:
+                mem.mul_(leak)
+            mem.add_(current[t])
+            if not hard:
+                mem.sub_(prev, alpha=thr)
+            prev = torch.gt(mem, thr, out=out[t])
             if keep_mem:
-                mems[t] = mem
+                mems[t].copy_(mem)
+        spikes = out.bool()
+        dt = _final_dt(spikes, dt0)
         ctx.save_for_backward(spikes, mems if keep_mem else torch.empty(0), mem0.detach(), dt0)
-        ctx.leak, ctx.thr, ctx.hard, ctx.surrogate, ctx.keep_mem = leak, thr, hard, surrogate, keep_mem
+        ctx.leak, ctx.thr, ctx.hard, ctx.surrogate = leak, thr, hard, surrogate
         ctx.mark_non_differentiable(dt)
-        return spikes.to(current.dtype), mem, dt
+        return out, mem, dt
 
     @staticmethod
     def backward(ctx, grad_spk, grad_mem_T, grad_dt):
         spikes, mems, mem0, dt0 = ctx.saved_tensors
         leak, thr, hard, surrogate = ctx.leak, ctx.thr, ctx.hard, ctx.surrogate
         T = spikes.shape[0]
-        # surrogate ds/du for every step (dt rebuilt from the spikes)
+        # a[t] = dL/ds[t] * sg[t], the direct term of every step
         if surrogate.needs_mem:
-            dts = None
+            a = grad_spk.float() * surrogate.grad(mems, thr, None)
         else:
-            dts = torch.empty(spikes.shape, dtype=torch.float32, device=spikes.device)
-            dt = dt0.float()
-            for t in range(T):
-                dts[t] = dt
-                dt = _step_dt(dt, spikes[t])
-        grad_in = torch.empty(spikes.shape, dtype=grad_spk.dtype, device=grad_spk.device)
-        carry = torch.zeros_like(mem0, dtype=torch.float32)  # lam * dL/du[t+1]
-        for t in range(T - 1, -1, -1):
-            sg = surrogate.grad(mems[t] if surrogate.needs_mem else None, thr, dts[t] if dts is not None else None)
-            g = grad_spk[t].float() * sg + (carry * (~spikes[t]) if hard else carry)
-            if t == T - 1 and grad_mem_T is not None:
-                g = g + grad_mem_T.float()  # the returned state is u[T-1] itself
-            grad_in[t] = g
-            carry = leak * g
+            a = torch.empty(spikes.shape, dtype=torch.float32, device=spikes.device)
+            dt = dt0.float().clone()
+            for t in range(T):  # dt rebuilt from the spikes
+                torch.mul(grad_spk[t], surrogate.grad(None, thr, dt), out=a[t])
+                dt.add_(1.0).masked_fill_(spikes[t], 1.0)
+        if grad_mem_T is not None:
+            a[T - 1].add_(grad_mem_T)  # the returned state is u[T-1] itself
+        # g[t] = a[t] + lam * (1 - s[t] if hard else 1) * g[t+1], computed into a in place
+        keep = (~spikes).float() if hard else None
+        for t in range(T - 2, -1, -1):
+            if hard:
+                a[t].addcmul_(a[t + 1], keep[t], value=leak)
+            else:
+                a[t].add_(a[t + 1], alpha=leak)
         grad_mem0 = None
         if ctx.needs_input_grad[1]:  # u[0] depends on u[-1] through lam (1 - s[-1])
-            grad_mem0 = carry * (~(mem0 > thr)) if hard else carry
-        return grad_in, grad_mem0, None, None, None, None, None
+            grad_mem0 = leak * a[0] * (~(mem0 > thr)) if hard else leak * a[0]
+        return a.to(grad_spk.dtype), grad_mem0, None, None, None, None, None
+
+
+def _final_dt(spikes: torch.Tensor, dt0: torch.Tensor) -> torch.Tensor:
+    """dt after the last step: T - (index of the last spike), or dt0 + T if none."""
+    T = spikes.shape[0]
+    steps = torch.arange(1, T + 1, device=spikes.device, dtype=torch.int32).view(T, *[1] * (spikes.dim() - 1))
+    last = (spikes * steps).amax(0)  # 1-based index of the last spike, 0 if none
+    return torch.where(last > 0, (T + 1 - last).to(dt0.dtype), dt0 + T)
 
 
 def lif_scan(current: torch.Tensor, mem0: torch.Tensor, dt0: torch.Tensor, leak: float, thr: float,

@@ -1,0 +1,251 @@
+"""Attacks (Eq. 1, 2), gradient sources (Algorithm 1, BPTT), attack CLI and tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snnadv.attacks import FGSM, PGD, check_eps, make_attack, parse_eps
+from snnadv.data import load_split, to_float
+from snnadv.errors import SnnadvError
+from snnadv.gradients import EOT, Algorithm1, Autograd, make_gradient
+from snnadv.models import SNN, get_spec
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def ann_and_data(trained_ann, shared_data):
+    import snnadv
+
+    model = snnadv.load_model(trained_ann["path"])
+    test = load_split("cifar10", shared_data, train=False, subset=128)
+    return model, to_float(test.images), test.labels
+
+
+def small_snn(seed=0, T=6):
+    """A tiny SNN with random weights and low thresholds, so that every layer spikes."""
+    torch.manual_seed(seed)
+    snn = SNN(get_spec("tiny", 10), num_steps=T, leak=0.95)
+    snn.set_thresholds({n: 0.3 for n in snn.neuron_names})
+    return snn.eval()
+
+
+def test_bounds_exact(ann_and_data):
+    model, x, y = ann_and_data
+    for attack in (FGSM(model, EPS), PGD(model, EPS, 2 / 255, 5, random_start=True,
+                                         generator=torch.Generator().manual_seed(0))):
+        adv = attack(x, y)
+        assert adv.shape == x.shape
+        assert (adv - x).abs().max() <= EPS + 1e-6
+        assert adv.min() >= 0.0 and adv.max() <= 1.0
+        assert (adv - x).abs().max() > EPS * 0.99  # the budget is actually used
+
+
+def test_attacks_raise_loss_pgd_at_least_fgsm(ann_and_data):
+    model, x, y = ann_and_data
+    loss = lambda z: F.cross_entropy(model(z), y).item()
+    clean, fgsm, pgd = loss(x), loss(FGSM(model, EPS)(x, y)), loss(PGD(model, EPS, 2 / 255, 7)(x, y))
+    assert fgsm > clean
+    assert pgd >= fgsm
+
+
+@torch.no_grad()
+def _acc(model, x, y):
+    return (model(x).argmax(1) == y).float().mean().item() * 100
+
+
+def test_accuracy_falls_with_eps_to_zero(ann_and_data):
+    model, x, y = ann_and_data
+    accs = []
+    for eps in (0.0, 2 / 255, 8 / 255, 64 / 255):
+        alpha = max(eps / 4, 1e-4)
+        accs.append(_acc(model, PGD(model, eps, alpha, 10)(x, y), y) if eps else _acc(model, x, y))
+    assert all(b <= a + 1e-9 for a, b in zip(accs, accs[1:])), accs
+    assert accs[0] > 25.0  # the trained model is far above chance on clean images
+    assert accs[-1] <= 2.0, accs
+
+
+def test_targeted_uses_the_targets(ann_and_data):
+    model, x, y = ann_and_data
+    targets = (y + 3) % 10
+    adv_t = PGD(model, 16 / 255, 2 / 255, 10, targeted=True)(x, y, targets)
+    adv_u = PGD(model, 16 / 255, 2 / 255, 10)(x, y)
+    with torch.no_grad():
+        hit_t = (model(adv_t).argmax(1) == targets).float().mean().item()
+        hit_u = (model(adv_u).argmax(1) == targets).float().mean().item()
+    assert hit_t > 0.3 and hit_t > hit_u + 0.2
+    with pytest.raises(SnnadvError):
+        PGD(model, EPS, targeted=True)(x, y)
+
+
+def test_model_mode_is_restored(ann_and_data):
+    model, x, y = ann_and_data
+    model.train()
+    FGSM(model, EPS)(x[:4], y[:4])
+    assert model.training
+    model.eval()
+    FGSM(model, EPS)(x[:4], y[:4])
+    assert not model.training
+
+
+def test_algorithm1_matches_transposed_first_layer_conv():
+    snn = small_snn()
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    source = Algorithm1(snn)
+    snn.encoder.generator = torch.Generator().manual_seed(1)
+    acc, _ = source.first_layer_grad(x, y)
+    assert acc.abs().sum() > 0  # the surrogate gradients reach the first layer
+    reference = torch.nn.grad.conv2d_input(x.shape, snn.first_conv.weight.detach(), acc,
+                                           stride=snn.first_conv.stride, padding=snn.first_conv.padding)
+    snn.encoder.generator = torch.Generator().manual_seed(1)
+    grad, _ = source(x, y)
+    assert torch.allclose(grad, reference, atol=1e-6)
+    nz = reference != 0
+    assert nz.float().mean() > 0.5
+    assert torch.equal(grad.sign()[nz], reference.sign()[nz])
+
+
+def test_algorithm1_equals_bptt_through_straight_through_encoder():
+    """With an identity encoder gradient, Alg. 1 and BPTT agree (linear first layer)."""
+    snn = small_snn()
+    x, y = torch.rand(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    snn.encoder.generator = torch.Generator().manual_seed(5)
+    g1, _ = Algorithm1(snn)(x, y)
+    snn.encoder.generator = torch.Generator().manual_seed(5)
+    g2, _ = Autograd(snn)(x, y)
+    assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_snn_attack_reproducible_with_seed():
+    snn = small_snn()
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    def run(seed):
+        snn.encoder.generator = torch.Generator().manual_seed(seed)
+        return PGD(snn, EPS, 2 / 255, 3, random_start=True, gradient=make_gradient(snn, "alg1"),
+                   generator=torch.Generator().manual_seed(seed))(x, y)
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_eot_averages_independent_draws():
+    snn = small_snn()
+    x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    snn.encoder.generator = torch.Generator().manual_seed(3)
+    single = [Autograd(snn)(x, y)[0] for _ in range(4)]
+    snn.encoder.generator = torch.Generator().manual_seed(3)
+    eot, _ = EOT(Autograd(snn), 4)(x, y)
+    assert torch.allclose(eot, sum(single) / 4, atol=1e-6)
+    assert not torch.equal(single[0], single[1])  # fresh spikes per draw
+
+
+def test_bad_settings():
+    snn = small_snn()
+    with pytest.raises(SnnadvError):
+        FGSM(snn, eps=1.5)
+    with pytest.raises(SnnadvError):
+        PGD(snn, EPS, steps=0)
+    assert check_eps(EPS, alpha=16 / 255)  # alpha > eps warns
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    with pytest.raises(SnnadvError):
+        parse_eps("eight")
+    from snnadv.models import ANN
+
+    with pytest.raises(SnnadvError):
+        make_gradient(ANN(get_spec("tiny", 10)), "alg1")
+    with pytest.raises(SnnadvError):
+        make_attack("cw", snn, EPS)
+
+
+# ----------------------------------------------------------------- CLI: attack and table
+@pytest.fixture(scope="module")
+def tiny_models(shared_data, tmp_path_factory):
+    """Two independently trained tiny pipelines (ANN, SNN-conv, SNN-BP), seeds 0 and 1."""
+    from snnadv.config import resolve
+    from snnadv.convert import convert
+    from snnadv.train import finetune, train_ann
+
+    root = tmp_path_factory.mktemp("tiny")
+    common = dict(data_dir=str(shared_data), device="cpu", quiet=True, batch_size=64)
+    paths = {}
+    for seed, suffix in ((0, ""), (1, "_ii")):
+        ann, conv, bp = (root / f"{k}{suffix}.pt" for k in ("ann", "conv", "bp"))
+        train_ann(resolve("train-ann", flags=dict(common, arch="tiny", epochs=3, lr=0.05, seed=seed,
+                                                  test_subset=100, out=str(ann))))
+        convert(resolve("convert", flags=dict(common, checkpoint=str(ann), timesteps=32, percentile=99.9,
+                                              curve=[32], test_subset=50, seed=seed, out=str(conv))))
+        finetune(resolve("finetune", flags=dict(common, checkpoint=str(conv), timesteps=8, epochs=1,
+                                                train_subset=256, test_subset=50, seed=seed, out=str(bp))))
+        paths.update({f"ann{suffix}": ann, f"snn_conv{suffix}": conv, f"snn_bp{suffix}": bp})
+    return paths
+
+
+def test_cli_attack_json_and_errors(tiny_models, shared_data, tmp_path, capsys):
+    from snnadv.cli.main import main
+
+    out = tmp_path / "atk.json"
+    args = ["attack", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--test-subset", "30",
+            "--source", "ann", "--source-ckpt", str(tiny_models["ann_ii"]), "--target", "snn-bp",
+            "--target-ckpt", str(tiny_models["snn_bp"]), "--attack", "fgsm", "--eps", "8/255",
+            "--eval-draws", "2", "--out", str(out)]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "blackbox" and r["gradient"] == "autograd"
+    assert r["eps"] == pytest.approx(8 / 255) and r["max_linf"] <= 8 / 255 + 1e-6
+    assert len(r["adv_acc"]["draws"]) == 2 and r["source"]["sha256"] and r["target"]["sha256"]
+    capsys.readouterr()
+    bad = [
+        args[:-2] + ["--eps", "2"],                                   # eps outside [0, 1]
+        args[:-2] + ["--steps", "0", "--attack", "pgd"],               # steps < 1
+        args + ["--gradient", "alg1"],                                  # gradient for an ANN source
+        [a if a != "snn-bp" else "ann" for a in args],                  # target kind mismatch
+    ]
+    for b in bad:
+        assert main(b) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_attack_rejects_mixed_datasets(tiny_models, tmp_path, capsys, shared_data):
+    """A source trained on another dataset than the target: one-line error."""
+    import torch as _t
+
+    from snnadv.cli.main import main
+
+    ck = _t.load(tiny_models["ann_ii"], weights_only=True)
+    ck["dataset"] = "cifar100"
+    other = tmp_path / "other.pt"
+    _t.save(ck, other)
+    code = main(["attack", "--data-dir", str(shared_data), "--quiet", "--source-ckpt", str(other),
+                 "--target-ckpt", str(tiny_models["ann"]), "--test-subset", "10"])
+    assert code != 0
+    assert "cifar100" in capsys.readouterr().err
+
+
+def test_table_complete(tiny_models, shared_data, tmp_path):
+    from snnadv.config import resolve
+    from snnadv.robustness import run_table
+
+    cfg = resolve("table", flags=dict(data_dir=str(shared_data), device="cpu", quiet=True, test_subset=40,
+                                      steps=2, batch_size=40, out=str(tmp_path / "tables"),
+                                      **{k: str(v) for k, v in tiny_models.items()}))
+    r = run_table(cfg)
+    t1, t2 = r["table1"], r["table2"]
+    for part in ("whitebox", "blackbox"):
+        for a in ("fgsm", "pgd"):
+            assert set(t1[part][a]) == {"ann", "snn_conv", "snn_bp"}
+    assert set(t2["fgsm"]) == {"ann_ii", "snn_conv_ii", "snn_bp_ii"}
+    # Table 2's ANN-II row is Table 1's blackbox row: the same crafted set, re-used
+    for a in ("fgsm", "pgd"):
+        assert t2[a]["ann_ii"] == t1["blackbox"][a]
+    # whitebox attacks hurt the ANN
+    assert t1["whitebox"]["pgd"]["ann"]["mean"] < t1["clean"]["ann"]["mean"]
+    md = (tmp_path / "tables" / "tables.md").read_text()
+    assert "Table 1" in md and "Table 2" in md and md.count("|") > 40
+    assert json.loads((tmp_path / "tables" / "tables.json").read_text())["images"] == 40
