@@ -37,6 +37,7 @@ from .ann import BasicBlock, make_layer
 from .spec import Act, ArchSpec, Block
 
 MODES = ("fused", "reference")
+PRECISIONS = ("fp32", "bf16")
 
 
 class SNN(nn.Module):
@@ -49,6 +50,9 @@ class SNN(nn.Module):
         reset: ``"subtract"`` (default) or ``"zero"``.
         surrogate: the training/attack-time surrogate (default Eq. 4).
         input_bits, input_range, gain: encoder settings (see :mod:`snnadv.encoding`).
+        mode: ``"fused"`` (default) or ``"reference"`` (see the module docstring).
+        chunk_steps: timesteps per chunk in fused mode (None: automatic).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the synaptic layers).
     """
 
     kind = "snn"
@@ -56,11 +60,16 @@ class SNN(nn.Module):
     def __init__(self, spec: ArchSpec, num_steps: int = 100, leak: float = 1.0, reset: str = "subtract",
                  surrogate: Surrogate | None = None, input_bits: int | None = None,
                  input_range: str = "unit", gain: float = 1.0, mode: str = "fused",
-                 chunk_steps: int | None = None):
+                 chunk_steps: int | None = None, precision: str = "fp32"):
         super().__init__()
+        if mode not in MODES:
+            raise SnnadvError(f"unknown mode '{mode}' (choose {', '.join(MODES)})")
+        if precision not in PRECISIONS:
+            raise SnnadvError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
         self.spec = spec
         self.num_steps = check_steps(num_steps)
         self.mode = mode
+        self.precision = precision
         self.chunk_steps = chunk_steps
         self.encoder = RateEncoder(input_bits, input_range, gain)
         surrogate = surrogate or make_surrogate("stdb")
@@ -135,7 +144,10 @@ class SNN(nn.Module):
         if isinstance(module, BasicBlock):
             return module(x, self._layer)
         T, B = x.shape[:2]
-        y = module(x.flatten(0, 1)).unflatten(0, (T, B))
+        # synaptic layer: one call over all T*B frames; bf16 autocast if asked (spikes
+        # are exact in bf16; membranes stay fp32 in the neuron scan)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            y = module(x.flatten(0, 1)).unflatten(0, (T, B))
         if module is self._first[0] and self.capture_first_layer and y.requires_grad:
             y.retain_grad()
             self.first_layer_outputs.append(y)
@@ -175,7 +187,7 @@ class SNN(nn.Module):
             while want and want[0] <= t0 + n:
                 t = want.pop(0)
                 s = csum[t - t0 - 1]
-                out.append((s if self.mode == "reference" else self._readout(s.unsqueeze(0))[0]) / t)
+                out.append((s if self.mode == "reference" else self._readout(s.unsqueeze(0))[0]).float() / t)
             acc = csum[-1]
             t0 += n
         return out
