@@ -14,7 +14,9 @@ Fields:
     versions                 snnadv / torch / snntorch versions
     parent                   {"path", "sha256"} of the checkpoint this one came from
     train_state              for --resume: epoch, optimizer, scheduler, RNG states,
-                             history (None once a run has finished)
+                             history (kept after the last epoch, so a finished run
+                             can be extended with --resume and more epochs; None
+                             for stages that do not train)
 
 Writes are atomic (temporary file in the same folder, then ``os.replace``), so an
 interrupted write never leaves a half-written checkpoint in place of a good one.

@@ -218,7 +218,12 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg["lr_step"], cfg["lr_gamma"])
     base = {"stage": "snn-bp", "dataset": cfg["dataset"], "spec": parent["spec"], "config": cfg,
             "parent": {"path": str(cfg["checkpoint"]), "sha256": file_hash(cfg["checkpoint"])}}
-    before = accuracy(model, test, cfg["batch_size"], seed=cfg["seed"])["mean"]
+    # accuracy of the starting point (kept from the first run when resuming)
+    before = (resume["metrics"].get("test_acc_before") if resume else None)
+    if before is None:
+        start = build_model(parent, device, num_steps=cfg["timesteps"], leak=float(cfg["leak"]))
+        start.set_thresholds({k: v * scale for k, v in start.thresholds().items()})
+        before = accuracy(start, test, cfg["batch_size"], seed=cfg["seed"])["mean"]
     reporter.print(f"fine-tuning SNN-BP {arch} (T={cfg['timesteps']}, leak={cfg['leak']}, "
                    f"surrogate={sur!r}, thresholds x{scale}) on {len(train)} images, {device}; "
                    f"test accuracy before: {before:.2f}%")
