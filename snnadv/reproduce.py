@@ -87,10 +87,28 @@ def _table(cfg: dict, ctx: Context) -> dict:
 
 
 def _report(cfg: dict, ctx: Context) -> dict:
-    from .analysis import report as analysis_report
+    from .analysis import build_report
 
-    path = analysis_report.write_report(ctx.run_dir)
-    return {"markdown": str(path)}
+    return {"markdown": str(build_report(ctx.run_dir, reporter=ctx.reporter))}
+
+
+def _analysis(name: str):
+    def run(cfg: dict, ctx: Context) -> dict:
+        from .analysis import ANALYZE
+
+        ANALYZE[name](cfg, ctx.reporter)
+        return {"dir": cfg["out"]}
+    return run
+
+
+#: the analyses reproduce can run, with the stages whose checkpoints they read
+ANALYSES = {
+    "eq7": ([], lambda c: {}),
+    "encoder": ([], lambda c: {}),
+    "perturbation": (["ann"], lambda c: {"checkpoint": c.output("ann")}),
+    "timesteps": (["conv", "ann_ii"], lambda c: {"checkpoint": c.output("conv"), "source_ckpt": c.output("ann_ii")}),
+    "leak": (["conv", "ann_ii"], lambda c: {"checkpoint": c.output("conv"), "source_ckpt": c.output("ann_ii")}),
+}
 
 
 def stages(ctx: Context) -> list[Stage]:
@@ -120,22 +138,26 @@ def stages(ctx: Context) -> list[Stage]:
 
 
 def _optional_stages(ctx: Context) -> list[Stage]:
-    """Analyses and the adaptive evaluation, when the config asks for them."""
+    """Analyses (settings from the config's [analyze]) and the adaptive evaluation."""
+    rcfg = ctx.config.get("reproduce", {})
     extra: list[Stage] = []
-    try:
-        from .analysis import reproduce_stages
-    except ImportError:
-        reproduce_stages = None
-    wanted = ctx.config.get("reproduce", {}).get("analyses", [])
-    if wanted and reproduce_stages is None:
-        raise SnnadvError("this snnadv has no analysis package; remove 'analyses' from [reproduce]")
-    if wanted:
-        extra += reproduce_stages(ctx, wanted, Stage)
-    if ctx.config.get("reproduce", {}).get("evaluate", False):
-        from .adaptive import reproduce_stage
-
-        extra.append(reproduce_stage(ctx, Stage))
+    for name in rcfg.get("analyses", []):
+        if name not in ANALYSES:
+            raise SnnadvError(f"unknown analysis '{name}' in [reproduce] (choose {', '.join(ANALYSES)})")
+        needs, inputs = ANALYSES[name]
+        extra.append(Stage(f"analyze-{name}", "analyze", needs, _analysis(name),
+                           lambda c, n=name, f=inputs: {"out": str(c.path("analysis", n)), **f(c)}))
+    if rcfg.get("evaluate", False):
+        extra.append(Stage("evaluate", "evaluate", ["bp"], _evaluate,
+                           lambda c: {"target_ckpt": c.output("bp"), "out": str(c.path("evaluate"))}))
     return extra
+
+
+def _evaluate(cfg: dict, ctx: Context) -> dict:
+    from .adaptive import run_evaluate
+
+    run_evaluate(cfg, ctx.reporter)
+    return {"dir": cfg["out"]}
 
 
 # ----------------------------------------------------------------------- the runner

@@ -1,0 +1,126 @@
+"""``snnadv reproduce``: end to end on a tiny config, interrupted, resumed, re-keyed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+CONFIG = """
+[common]
+dataset = "cifar10"
+data_dir = "{data}"
+device = "cpu"
+batch_size = 64
+train_subset = 640
+test_subset = 40
+
+[reproduce]
+seeds = [0, 1]
+analyses = ["eq7", "encoder"]
+
+[train-ann]
+arch = "tiny"
+epochs = 2
+lr = 0.05
+
+[convert]
+timesteps = 16
+curve = [8, 16]
+percentile = 99.9
+
+[finetune]
+timesteps = 4
+epochs = 1
+train_subset = 128
+lr = {lr}
+
+[table]
+steps = 2
+test_subset = 20
+
+[analyze]
+ratios = [0.2, 0.5]
+points = 5
+sim_steps = 200
+timesteps = [4, 16]
+"""
+
+
+def _config(tmp_path, shared_data, lr="1e-4"):
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG.format(data=shared_data, lr=lr))
+    return path
+
+
+def _forbid(monkeypatch, *names):
+    """Make the named library stages fail if they are called (they must be skipped)."""
+    import snnadv.convert
+    import snnadv.train
+
+    targets = {"train_ann": snnadv.train, "finetune": snnadv.train, "convert": snnadv.convert}
+
+    def boom(*a, **k):
+        raise AssertionError("a completed stage was recomputed")
+
+    for n in names:
+        monkeypatch.setattr(targets[n], n, boom)
+
+
+def test_reproduce_interrupt_resume_and_rekey(tmp_path, shared_data, monkeypatch):
+    from snnadv.reproduce import reproduce
+
+    run_dir = tmp_path / "run"
+    cfg = _config(tmp_path, shared_data)
+    # 1. interrupted after three stages (a stage limit stands in for Ctrl-C between stages)
+    done = reproduce(cfg, run_dir, max_stages=3, quiet=True)
+    assert set(done) == {"ann", "conv", "bp"}
+    assert not json.loads((run_dir / "reproduce.json").read_text())["complete"]
+    first = {n: (run_dir / "stages" / f"{n}.json").read_text() for n in done}
+
+    # 2. run again: the completed stages are not recomputed, the rest completes
+    done = reproduce(cfg, run_dir, quiet=True)
+    for n, text in first.items():
+        assert (run_dir / "stages" / f"{n}.json").read_text() == text  # untouched
+    summary = json.loads((run_dir / "reproduce.json").read_text())
+    assert summary["complete"]
+    names = list(summary["stages"])
+    assert names[:6] == ["ann", "conv", "bp", "ann_ii", "conv_ii", "bp_ii"]
+    assert {"table", "analyze-eq7", "analyze-encoder", "report"} <= set(names)
+    report = (run_dir / "report.md").read_text()
+    assert "Table 1" in report and "Table 2" in report
+    assert "eq7" in report.lower() and "encoder" in report.lower()
+    tables = json.loads((run_dir / "tables" / "tables.json").read_text())
+    assert set(tables["table1"]["blackbox"]["pgd"]) == {"ann", "snn_conv", "snn_bp"}
+
+    # 3. nothing changed: a third run recomputes nothing at all
+    with monkeypatch.context() as m:
+        _forbid(m, "train_ann", "convert", "finetune")
+        import snnadv.robustness
+
+        m.setattr(snnadv.robustness, "run_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+        reproduce(cfg, run_dir, quiet=True)
+
+    # 4. a changed fine-tuning setting re-runs fine-tuning and what follows, not the ANNs
+    keys_before = {n: json.loads((run_dir / "stages" / f"{n}.json").read_text())["key"] for n in names}
+    cfg2 = _config(tmp_path, shared_data, lr="2e-4")
+    with monkeypatch.context() as m:
+        _forbid(m, "train_ann", "convert")
+        reproduce(cfg2, run_dir, quiet=True)
+    keys_after = {n: json.loads((run_dir / "stages" / f"{n}.json").read_text())["key"] for n in names}
+    for n in ("ann", "conv", "ann_ii", "conv_ii", "analyze-eq7", "analyze-encoder"):
+        assert keys_after[n] == keys_before[n], n
+    for n in ("bp", "bp_ii", "table", "report"):
+        assert keys_after[n] != keys_before[n], n
+
+
+def test_reproduce_bad_input(tmp_path, shared_data, capsys):
+    from snnadv.cli.main import main
+
+    cfg = _config(tmp_path, shared_data)
+    for args in (["reproduce", "--config", str(tmp_path / "missing.toml")],
+                 ["reproduce", "--config", str(cfg), "--only", "nonsense"],
+                 ["reproduce", "--config", str(cfg), "--run-dir", str(tmp_path / "r"), "--only", "table"]):
+        assert main(args) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
