@@ -7,9 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["snnadv", "snnadv.models", "snnadv.kernels", "snnadv.cli"],
+    packages=["snnadv", "snnadv.models", "snnadv.kernels", "snnadv.analysis", "snnadv.cli"],
     package_dir={"snnadv.cli": "cli"},
     install_requires=["torch>=2.2", "torchvision>=0.17", "snntorch>=0.9", "numpy", "click>=8.1", "rich>=13"],
-    extras_require={"dev": ["pytest>=7"], "plots": ["matplotlib>=3.7"]},
+    extras_require={"dev": ["pytest>=7", "torchattacks>=3.5", "matplotlib>=3.7"],
+                    "plots": ["matplotlib>=3.7"], "attacks": ["torchattacks>=3.5"]},
     entry_points={"console_scripts": ["snnadv=snnadv.cli.main:main"]},
 )

@@ -110,6 +110,9 @@ def finetune(**kw):
 
 
 from . import robustness_cmds  # noqa: E402,F401  (registers attack, table)
+from . import reproduce_cmd  # noqa: E402,F401
+from . import analyze_cmd  # noqa: E402,F401
+from . import evaluate_cmd  # noqa: E402,F401
 
 
 @cli.command("bench")
@@ -122,6 +125,8 @@ from . import robustness_cmds  # noqa: E402,F401  (registers attack, table)
 @click.option("--iters", type=int, help="Timed iterations per workload (default: the preset's).")
 @click.option("--peak-tflops", type=float, help="Peak TFLOP/s for the hardware-limit column (CUDA default 989).")
 @click.option("--peak-tbps", type=float, help="Peak memory bandwidth in TB/s (default 4.8 on H200, 3.35 on H100).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="snnadv synaptic layers (default fp32; the baseline stays fp32).")
+@click.option("--chunk-steps", type=int, help="snnadv timesteps per chunk (default automatic).")
 def bench(**kw):
     """Images/s and peak memory of ANN training, SNN-BP training, SNN inference and PGD,
     against a plain snnTorch step-by-step loop (JSON in --out, default runs/bench.json)."""

@@ -58,6 +58,24 @@ STAGES = {
         "conv_timesteps": None, "bp_timesteps": None, "gradient": "alg1", "eval_draws": 1,
         "input_bits": None, "test_subset": 1000, "tables": ["1", "2"],
     },
+    # ``snnadv analyze ...`` (snnadv/analysis): one table for all five analyses; None
+    # means "the analysis' own default" (e.g. timesteps 50,75,100,150 for the sweep,
+    # 50,150,300,2000 for the encoder); lists may be TOML lists or "a,b,c" strings
+    "analyze": {
+        "checkpoint": None, "source_ckpt": None, "ann_ckpt": None, "model": "snn-bp", "timesteps": None,
+        "bits": None, "leaks": None, "attacks": "fgsm,pgd", "eps": "8/255", "alpha": "2/255", "steps": 7,
+        "random_start": False, "eval_draws": 1, "epochs": None, "lr": None, "surrogate": None, "scale": None,
+        "force": False, "test_subset": 1000, "ratios": None, "lam_min": 0.75, "lam_max": 0.9999,
+        "points": None, "sim_steps": 2000, "threshold": 1.0, "leak": 0.99, "reset": "zero",
+        "attack": "pgd", "image": 0,
+    },
+    "evaluate": {  # adaptive attacks, expected accuracy, masking checks (snnadv.adaptive)
+        "target_ckpt": None, "suite": "full", "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
+        "steps": 20, "restarts": 2, "alpha": None, "apgd_steps": 20, "square_queries": 1000,
+        "sweep_eps": "0,2/255,4/255,8/255,16/255,32/255,64/255", "sweep_steps": 20, "slope": 5.0,
+        "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
+        "input_bits": None, "proxy_ckpt": None, "blackbox_ckpt": None, "test_subset": 1000,
+    },
 }
 
 #: the paper's ANN schedule per architecture: (epochs, lr, milestones)

@@ -26,6 +26,36 @@ checks Algorithm 1 against an independent ``torch.nn.grad.conv2d_input``.
 
 Every call draws fresh encoder spikes, so SNN gradients are stochastic: pass a
 ``generator`` to make them reproducible; :class:`EOT` averages M draws.
+
+More gradient paths for SNNs (adaptive attacks, :mod:`snnadv.adaptive`):
+
+* :class:`AttackSurrogate` (``bptt-stdb``, ``bptt-linear``, ``bptt-fast-sigmoid``):
+  straight-through BPTT with a surrogate chosen *at attack time*, independently of
+  the one the model was trained with (restored after every call).  A surrogate
+  only shapes the backward pass, so the forward (and the model) is unchanged.
+* :class:`RateGradient` (``rate``): back-propagation through time-averaged spike
+  rates (BPTR, Ding et al. 2022; RGA, Bu et al. 2023).  The real SNN is run
+  forward on fresh spikes and the rate ``r_l = (1/T) sum_t s_l[t]`` of every
+  spiking layer is recorded.  Synaptic layers (conv, linear, pooling) are linear
+  and bias-free, so the time-averaged input current of layer l is exactly
+  ``c_l = W_l r_{l-1}``.  An IF neuron fed a constant current c fires at rate
+  ``r = clip(c / thr, 0, 1)``, a ReLU of slope 1/thr, so the backward pass uses
+
+      d r_l / d c_l  ~=  1[r_l > 0] / thr_l          (elementwise)
+
+  with the *observed* rate deciding the mask.  The gradient is then one backward
+  pass through a single "rate frame": dJ/dx = e'(x) W_1^T D_1 W_2^T D_2 ... dJ/dz,
+  with D_l = diag(1[r_l > 0] / thr_l) and e'(x) the encoder's straight-through
+  derivative (identity; 2 for the signed encoder; times the gain).  Forward values
+  are the observed rates, so the logits it returns are exactly the SNN's logits
+  of that draw (the readout after the last spiking layer is linear).  This equals
+  applying the ReLU-like derivative to the time-summed gradient of BPTT, up to the
+  factor T; it ignores the leak (Eq. 7 is not linear) and rate saturation at 1.
+* ``ann``: the ANN the SNN was converted from, as a proxy (autograd through it;
+  :class:`Autograd` on that model, named ``ann``).  Same architecture and
+  (before fine-tuning) the same weights: a transfer attack that sees through the
+  spiking non-linearity entirely.  :mod:`snnadv.adaptive` finds it through the
+  checkpoint's parent chain.
 """
 
 from __future__ import annotations
@@ -34,10 +64,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoding import normalize, quantize
 from .errors import SnnadvError
 from .models import SNN
+from .models.ann import BasicBlock
+from .neurons import LIF, SURROGATES, make_surrogate
 
 GRADIENTS = ("alg1", "bptt")
+#: every gradient path an SNN source accepts (``make_gradient``'s ``kind``)
+SNN_PATHS = ("alg1", "bptt", *[f"bptt-{n}" for n in SURROGATES], "rate", "ann")
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -118,14 +153,133 @@ class EOT:
         return grad / self.m, logits / self.m
 
 
-def make_gradient(model: nn.Module, kind: str | None = None, eot: int = 1):
-    """The gradient source for ``model``: ``alg1`` or ``bptt`` for SNNs (default alg1),
-    autograd for ANNs (``kind`` must then be None)."""
+class AttackSurrogate:
+    """BPTT (straight-through encoder) with a surrogate chosen at attack time.
+
+    The model's own surrogates are swapped in for the duration of each call and
+    restored afterwards, so training settings and other sources are unaffected.
+    """
+
+    def __init__(self, model: SNN, surrogate, loss=_loss):
+        if not isinstance(model, SNN):
+            raise SnnadvError("an attack-time surrogate needs an SNN source")
+        self.model, self.surrogate, self.inner = model, surrogate, Autograd(model, loss)
+        self.name = f"bptt-{surrogate.name}"
+
+    def __call__(self, images, labels):
+        neurons = self.model.neurons
+        saved = [n.surrogate for n in neurons]
+        self.model.set_surrogate(self.surrogate)
+        try:
+            return self.inner(images, labels)
+        finally:
+            for n, s in zip(neurons, saved):
+                n.surrogate = s
+
+
+class _RateSpike(torch.autograd.Function):
+    """Forward: the observed spike rate; backward: 1[rate > 0] / thr (ReLU-like)."""
+
+    @staticmethod
+    def forward(ctx, current, rate, thr):
+        ctx.save_for_backward(rate)
+        ctx.thr = thr
+        return rate.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (rate,) = ctx.saved_tensors
+        return grad_out * (rate > 0).to(grad_out.dtype) / ctx.thr, None, None
+
+
+class RateGradient:
+    """dJ/dx through time-averaged spike rates (BPTR / RGA; see the module docstring)."""
+
+    name = "rate"
+
+    def __init__(self, model: SNN, loss=_loss):
+        if not isinstance(model, SNN):
+            raise SnnadvError("the rate gradient needs an SNN source")
+        self.model, self.loss = model, loss
+
+    @torch.no_grad()
+    def spike_rates(self, images: torch.Tensor, num_steps: int | None = None) -> dict[int, torch.Tensor]:
+        """One real forward pass on fresh spikes: ``{id(neuron): rate [B, ...]}``."""
+        m = self.model
+        T = num_steps or m.num_steps
+        m.reset_state()
+        sums: dict[int, torch.Tensor] = {}
+
+        def apply(module, h):
+            if isinstance(module, BasicBlock):
+                return module(h, apply)
+            y = m._layer(module, h)
+            if isinstance(module, LIF):
+                sums[id(module)] = y.sum(0) + sums[id(module)] if id(module) in sums else y.sum(0)
+            return y
+
+        chunk = 1 if m.mode == "reference" else m.chunk_for(images.shape[0], T)
+        t0 = 0
+        while t0 < T:
+            n = min(chunk, T - t0)
+            h = m.encoder(images, n)
+            for name in m._hidden:
+                h = apply(getattr(m, name), h)
+            t0 += n
+        m.reset_state()
+        return {k: v / T for k, v in sums.items()}
+
+    def rate_logits(self, x: torch.Tensor, rates: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The rate network's logits for ``x`` (differentiable), given the observed rates."""
+        m = self.model
+        enc = m.encoder
+        h = (normalize(quantize(x, enc.bits), enc.input_range) * enc.gain).unsqueeze(0)  # expected input rate
+
+        def apply(module, v):
+            if isinstance(module, LIF):
+                return _RateSpike.apply(v, rates[id(module)].unsqueeze(0), float(module.threshold))
+            if isinstance(module, BasicBlock):
+                return module(v, apply)
+            return m._layer(module, v)
+
+        for name in m._hidden:
+            h = apply(getattr(m, name), h)
+        return m._readout(h)[0]
+
+    def __call__(self, images, labels):
+        rates = self.spike_rates(images.detach())
+        x = images.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.rate_logits(x, rates)
+            (grad,) = torch.autograd.grad(self.loss(logits, labels), x)
+        return grad, logits.detach()
+
+
+def make_gradient(model: nn.Module, kind: str | None = None, eot: int = 1, *, slope: float | None = None,
+                  proxy: nn.Module | None = None):
+    """The gradient source for ``model``: for SNNs one of :data:`SNN_PATHS` (default alg1),
+    autograd for ANNs (``kind`` must then be None).
+
+    ``slope`` sets the fast-sigmoid sharpness k of ``bptt-fast-sigmoid``; ``proxy`` is
+    the ANN used by the ``ann`` path.
+    """
     if isinstance(model, SNN):
         kind = kind or "alg1"
-        if kind not in GRADIENTS:
-            raise SnnadvError(f"unknown gradient '{kind}' (choose {', '.join(GRADIENTS)})")
-        source = Algorithm1(model) if kind == "alg1" else Autograd(model)
+        if kind not in SNN_PATHS:
+            raise SnnadvError(f"unknown gradient '{kind}' (choose {', '.join(SNN_PATHS)})")
+        if kind == "alg1":
+            source = Algorithm1(model)
+        elif kind == "bptt":
+            source = Autograd(model)
+        elif kind == "rate":
+            source = RateGradient(model)
+        elif kind == "ann":
+            if proxy is None:
+                raise SnnadvError("the 'ann' gradient path needs the ANN the SNN was converted from (proxy)")
+            source = Autograd(proxy)
+            source.name = "ann"
+        else:
+            source = AttackSurrogate(model, make_surrogate(kind[len("bptt-"):], slope=slope))
     else:
         if kind is not None:
             raise SnnadvError("--gradient applies to SNN sources only; an ANN source uses autograd")
