@@ -68,8 +68,9 @@ PRESETS = {
     "cpu": {"arch": "vgg5", "workloads": {
         "ann_train": {"batch": 64, "timesteps": 1, "iters": 3, "warmup": 1},
         "snn_train": {"batch": 16, "timesteps": 32, "iters": 2, "warmup": 1},
-        "snn_infer": {"batch": 16, "timesteps": 256, "iters": 1, "warmup": 1},
-        "pgd": {"batch": 8, "timesteps": 32, "iters": 1, "warmup": 1},
+        # on the CPU a short warm-up suffices (no autotuning): it keeps the run short
+        "snn_infer": {"batch": 16, "timesteps": 256, "iters": 1, "warmup": 1, "warmup_timesteps": 16},
+        "pgd": {"batch": 8, "timesteps": 32, "iters": 1, "warmup": 1, "warmup_timesteps": 4},
     }},
     "paper": {"arch": "vgg5", "workloads": {
         "ann_train": {"batch": 256, "timesteps": 1, "iters": 20, "warmup": 3},
@@ -87,12 +88,13 @@ PRESETS = {
 
 #: settings of ``snnadv bench`` (beside the common ones); a config's [bench] table may set them
 BENCH = {"preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
-         "peak_tflops": None, "peak_tbps": None}
+         "peak_tflops": None, "peak_tbps": None, "precision": "fp32", "chunk_steps": None}
 
 PGD_STEPS, PGD_EPS, PGD_ALPHA = 7, 8 / 255, 2 / 255
 BP_LEAK, BP_SCALE = 0.99, 0.7   # SNN-BP: leak and threshold scale (the fine-tuning defaults)
 BALANCE_PERCENTILE = 99.9      # threshold balancing on synthetic images (see calibrate)
-BALANCE_STEPS, BALANCE_BATCH = 32, 8
+#: threshold balancing and spike-rate measurement: (batch, T), per preset
+CALIBRATION = {"cpu": (8, 32), "paper": (32, 100), "tiny": (2, 8)}
 
 #: forward (read fp32 current, write 1-byte spike) and backward (read fp32 grad + spike, write fp32 grad)
 STATE_BYTES_FWD, STATE_BYTES_BWD = 5, 9
@@ -322,23 +324,26 @@ class _PeakMemory:
         return False
 
 
-def measure(step, *, batch: int, timesteps: int, iters: int, warmup: int, device: torch.device) -> dict:
-    """Run ``step()`` ``warmup`` times untimed, then ``iters`` times timed.
+def measure(step, *, batch: int, timesteps: int, iters: int, warmup: int, device: torch.device,
+            warmup_step=None) -> dict:
+    """Run ``warmup_step()`` (default ``step``) ``warmup`` times untimed, then ``step()``
+    ``iters`` times timed (wall clock; ``cpu_seconds``: process CPU time of the timed
+    iterations, a check on a loaded machine).
 
     Peak memory covers warm-up and timed iterations (the first iteration allocates).
     """
     with _PeakMemory(device) as mem:
         for _ in range(warmup):
-            step()
+            (warmup_step or step)()
         _sync(device)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(iters):
             step()
         _sync(device)
-        seconds = time.perf_counter() - t0
-    return {"images_per_s": batch * iters / seconds, "seconds": seconds, "peak_mem_bytes": mem.bytes,
-            "batch": batch, "timesteps": timesteps, "iters": iters, "warmup": warmup,
-            "memory_measure": mem.method}
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"images_per_s": batch * iters / seconds, "seconds": seconds, "cpu_seconds": cpu,
+            "peak_mem_bytes": mem.bytes, "batch": batch, "timesteps": timesteps, "iters": iters,
+            "warmup": warmup, "memory_measure": mem.method}
 
 
 # -- models and data ------------------------------------------------------------------
@@ -357,23 +362,60 @@ def make_snn(spec: ArchSpec, weights: dict, thresholds: dict, leak: float, devic
     return model.to(device)
 
 
-def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak: float, device) -> nn.Module:
+def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak: float, device,
+               snn_options: dict | None = None) -> nn.Module:
+    """The SNN (``snnadv``; ``snn_options``: its ``precision`` and ``chunk_steps``) or its
+    plain snnTorch twin (``snntorch``, always fp32 step by step)."""
     model = make_snn(spec, weights, thresholds, leak, device)
     if impl == "snnadv":
+        for k, v in (snn_options or {}).items():
+            if v is not None:
+                setattr(model, k, v)
         return model
     if impl == "snntorch":
         return PlainSnnTorchNet.from_snn(model)
     raise SnnadvError(f"unknown implementation '{impl}' (choose {', '.join(IMPLS)})")
 
 
-def calibrate(spec: ArchSpec, weights: dict, device, seed: int = 0) -> dict[str, float]:
+def spike_rates(model: SNN, x: torch.Tensor, num_steps: int) -> dict[str, float]:
+    """Mean spike rate (spikes per neuron per step) of every spiking layer of an SNN on ``x``
+    (the fused path: each neuron's ``multistep`` is wrapped for one eval forward)."""
+    from .neurons import LIF
+
+    counts: dict[str, list[float]] = {}
+    wrapped = []
+    for name, m in model.named_modules():
+        if isinstance(m, LIF):
+            def record(current, _m=m, _name=name):
+                spk = type(_m).multistep(_m, current)
+                c = counts.setdefault(_name, [0.0, 0.0])
+                c[0] += float(spk.detach().sum())
+                c[1] += spk.numel()
+                return spk
+            m.multistep = record
+            wrapped.append(m)
+    was, mode = model.training, model.mode
+    model.eval()
+    model.mode = "fused"
+    try:
+        model(x, num_steps)
+    finally:
+        for m in wrapped:
+            del m.multistep
+        model.train(was)
+        model.mode = mode
+    return {n: s / max(c, 1.0) for n, (s, c) in counts.items()}
+
+
+def calibrate(spec: ArchSpec, weights: dict, device, seed: int = 0, batch: int = 8,
+              timesteps: int = 32) -> dict[str, float]:
     """Thresholds that make the random-weight network spike: balanced as in conversion
     (the ``BALANCE_PERCENTILE`` of each layer's input current) on synthetic images."""
     from .convert import balance_thresholds
 
     model = make_snn(spec, weights, {}, 1.0, device)
-    x, _ = synthetic_batch(spec, BALANCE_BATCH, device, seed + 1)
-    return balance_thresholds(model, [x], BALANCE_STEPS, BALANCE_PERCENTILE)
+    x, _ = synthetic_batch(spec, batch, device, seed + 1)
+    return balance_thresholds(model, [x], timesteps, BALANCE_PERCENTILE)
 
 
 # -- the workloads ------------------------------------------------------------------------
@@ -396,9 +438,10 @@ def ann_train(spec: ArchSpec, weights: dict, *, batch: int, iters: int, warmup: 
 
 
 def snn_train(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
-              iters: int, warmup: int, device, seed: int = 0, leak: float = BP_LEAK) -> dict:
+              iters: int, warmup: int, device, seed: int = 0, leak: float = BP_LEAK,
+              snn_options: dict | None = None) -> dict:
     """SNN-BP steps: forward at T, cross-entropy, backward through time, Adam."""
-    model = make_model(impl, spec, weights, thresholds, leak, device).train()
+    model = make_model(impl, spec, weights, thresholds, leak, device, snn_options).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
     x, y = synthetic_batch(spec, batch, device, seed)
 
@@ -412,16 +455,18 @@ def snn_train(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, bat
 
 
 def snn_infer(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
-              iters: int, warmup: int, device, seed: int = 0, leak: float = 1.0) -> dict:
+              iters: int, warmup: int, device, seed: int = 0, leak: float = 1.0,
+              warmup_timesteps: int | None = None, snn_options: dict | None = None) -> dict:
     """No-grad forward of the converted (IF) SNN at a large T (evaluation)."""
-    model = make_model(impl, spec, weights, thresholds, leak, device).eval()
+    model = make_model(impl, spec, weights, thresholds, leak, device, snn_options).eval()
     x, _ = synthetic_batch(spec, batch, device, seed)
 
-    def step():
+    def step(T=timesteps):
         with torch.no_grad():
-            model(x, timesteps)
+            model(x, T)
 
-    return measure(step, batch=batch, timesteps=timesteps, iters=iters, warmup=warmup, device=device)
+    return measure(step, batch=batch, timesteps=timesteps, iters=iters, warmup=warmup, device=device,
+                   warmup_step=lambda: step(warmup_timesteps or timesteps))
 
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, timesteps: int, steps: int = PGD_STEPS,
@@ -439,12 +484,14 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, timesteps: in
 
 
 def pgd(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
-        iters: int, warmup: int, device, seed: int = 0, leak: float = BP_LEAK) -> dict:
+        iters: int, warmup: int, device, seed: int = 0, leak: float = BP_LEAK,
+        warmup_timesteps: int | None = None, snn_options: dict | None = None) -> dict:
     """PGD-7 on the SNN-BP network (one iteration = one batch attacked with 7 steps)."""
-    model = make_model(impl, spec, weights, thresholds, leak, device).eval()
+    model = make_model(impl, spec, weights, thresholds, leak, device, snn_options).eval()
     x, y = synthetic_batch(spec, batch, device, seed)
     return measure(lambda: pgd_attack(model, x, y, timesteps), batch=batch, timesteps=timesteps,
-                   iters=iters, warmup=warmup, device=device)
+                   iters=iters, warmup=warmup, device=device,
+                   warmup_step=lambda: pgd_attack(model, x, y, warmup_timesteps or timesteps))
 
 
 _FUNCS = {"ann_train": ann_train, "snn_train": snn_train, "snn_infer": snn_infer, "pgd": pgd}
@@ -562,7 +609,7 @@ def _device_info(device: torch.device) -> dict:
             "cuda": torch.version.cuda if device.type == "cuda" else None,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32), "dtype": "float32",
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
             "python": platform.python_version()}
 
 
@@ -633,6 +680,13 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         raise SnnadvError(f"unknown dataset '{dataset}' (choose {', '.join(DATASETS)})")
     spec = get_spec(arch, DATASETS[dataset])
     seed = int(cfg.get("seed") or 0)
+    precision = cfg.get("precision") or "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise SnnadvError(f"unknown precision '{precision}' (choose fp32 or bf16)")
+    chunk = cfg.get("chunk_steps")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise SnnadvError(f"chunk steps must be a positive integer, got {chunk}")
+    snn_options = {"precision": None if precision == "fp32" else precision, "chunk_steps": chunk}
     peak_tflops, peak_tbps = default_peaks(device)
     peak_tflops = cfg.get("peak_tflops") or peak_tflops
     peak_tbps = cfg.get("peak_tbps") or peak_tbps
@@ -645,40 +699,45 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         counts = count_spec(spec)
         result = {"preset": preset, "arch": arch, "dataset": dataset, "num_classes": spec.num_classes,
                   **_device_info(device), "load_avg_before": load_before,
+                  "snnadv_options": {"precision": precision, "chunk_steps": chunk,
+                                     "note": "the snntorch baseline and ann_train always run in fp32"},
                   "per_image_per_step": counts, "pgd": {"steps": PGD_STEPS, "eps": PGD_EPS, "alpha": PGD_ALPHA},
                   "snn_bp": {"leak": BP_LEAK, "threshold_scale": BP_SCALE, "surrogate_snnadv": "stdb (Eq. 4)",
                              "surrogate_snntorch": "fast_sigmoid(slope=25)"}}
         thresholds, rates = {}, {}
         if any(w != "ann_train" for w in work):
-            reporter.print(f"calibrating thresholds of {arch} (balancing on {BALANCE_BATCH} synthetic images, "
-                           f"T={BALANCE_STEPS}, percentile {BALANCE_PERCENTILE})")
-            conv = calibrate(spec, weights, device, seed)
+            cb, ct = CALIBRATION[preset]
+            reporter.print(f"calibrating thresholds of {arch} (balancing on {cb} synthetic images, "
+                           f"T={ct}, percentile {BALANCE_PERCENTILE})")
+            conv = calibrate(spec, weights, device, seed, cb, ct)
             thresholds = {"snn_conv": conv, "snn_bp": {k: v * BP_SCALE for k, v in conv.items()}}
-            x, _ = synthetic_batch(spec, BALANCE_BATCH, device, seed + 2)
+            x, _ = synthetic_batch(spec, cb, device, seed + 2)
             for net, leak in (("snn_conv", 1.0), ("snn_bp", BP_LEAK)):
-                base = PlainSnnTorchNet.from_snn(make_snn(spec, weights, thresholds[net], leak, device))
-                rates[net] = base.spike_rates(x, BALANCE_STEPS)
+                model = make_snn(spec, weights, thresholds[net], leak, device)
+                with torch.no_grad():
+                    rates[net] = spike_rates(model, x, ct)
+            result["calibration"] = {"batch": cb, "timesteps": ct, "percentile": BALANCE_PERCENTILE}
         result["thresholds"], result["spike_rates"] = thresholds, rates
         rows = []
         for w, s in work.items():
             impls = ["torch"] if w == "ann_train" else list(IMPLS)
             net = "snn_conv" if w == "snn_infer" else "snn_bp"
             for impl in impls:
-                reporter.print(f"{w} [{impl}]: batch {s['batch']}, T={s['timesteps']}, "
+                reporter.print(f"{w} ({impl}): batch {s['batch']}, T={s['timesteps']}, "
                                f"{s['warmup']} warm-up + {s['iters']} timed iteration(s)")
                 torch.manual_seed(seed)
                 kw = dict(batch=s["batch"], iters=s["iters"], warmup=s["warmup"], device=device, seed=seed)
                 if w == "ann_train":
                     row = ann_train(spec, weights, **kw)
                 else:
+                    if s.get("warmup_timesteps"):
+                        kw["warmup_timesteps"] = min(s["warmup_timesteps"], s["timesteps"])
                     row = _FUNCS[w](spec, weights, impl=impl, thresholds=thresholds[net],
-                                    timesteps=s["timesteps"], **kw)
-                row = {"workload": w, "impl": impl, **row, "network": None if w == "ann_train" else net}
+                                    timesteps=s["timesteps"], snn_options=snn_options, **kw)
+                row = {"workload": w, "impl": impl, **row, "network": None if w == "ann_train" else net,
+                       "warmup_timesteps": kw.get("warmup_timesteps")}
                 row["hardware"] = hardware(w, row, counts, peak_tflops, peak_tbps)
                 rows.append(row)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
         for r in rows:
             other = next((o for o in rows if o["workload"] == r["workload"] and o["impl"] == "snntorch"), None)
             r["speedup"] = r["images_per_s"] / other["images_per_s"] if other and r["impl"] == "snnadv" else None
@@ -688,6 +747,8 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         result["seconds_for_10k_test_images"] = 10000 / infer["images_per_s"] if infer else None
         result["goals"] = goals(device, arch, rows)
         result["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        loads = [l[0] for l in (load_before, result["load_avg_after"]) if l]
+        result["under_load"] = bool(device.type == "cpu" and loads and max(loads) > 1.5 * (os.cpu_count() or 1))
         return result
     finally:
         torch.backends.cudnn.benchmark = cudnn_was
@@ -703,27 +764,34 @@ def print_result(result: dict, reporter: Reporter) -> None:
         rows.append([r["workload"], r["impl"], r["batch"], r["timesteps"], f"{r['images_per_s']:.4g}",
                      _mem(r["peak_mem_bytes"]), None if r["speedup"] is None else f"{r['speedup']:.2f}x"])
     mem = result["rows"][0]["memory_measure"] if result["rows"] else ""
+    opts = result.get("snnadv_options", {})
+    extra = "".join([f", snnadv {opts['precision']}" if opts.get("precision", "fp32") != "fp32" else "",
+                     f", snnadv chunk {opts['chunk_steps']} steps" if opts.get("chunk_steps") else ""])
     reporter.table(f"snnadv bench: {result['arch']} on {result['device_name']} ({result['device']}, "
-                   f"{result['threads']} threads, torch {result['torch']}); peak mem = {mem}",
+                   f"{result['threads']} threads, torch {result['torch']}{extra}); peak mem = {mem}",
                    ["workload", "impl", "batch", "T", "images/s", "peak mem", "speed-up vs snntorch"], rows)
     hw = []
     for r in result["rows"]:
         h = r["hardware"]
-        hw.append([r["workload"], r["impl"], f"{h['flops_per_image'] / 1e9:.3g}", f"{h['achieved_tflops']:.3g}",
-                   None if h["pct_peak_flops"] is None else f"{h['pct_peak_flops']:.2f}%",
-                   f"{h['state_bytes_per_image'] / 2**20:.3g}",
-                   None if h["pct_peak_bandwidth"] is None else f"{h['pct_peak_bandwidth']:.2f}%",
-                   None if h["pct_of_bound"] is None else f"{h['pct_of_bound']:.2f}%"])
+        pct = lambda v: None if v is None else f"{v:.2f}%"  # noqa: E731
+        hw.append([r["workload"], r["impl"], f"{h['flops_per_image'] / 1e9:.3g}",
+                   f"{h['achieved_tflops'] * 1e3:.4g}", pct(h["pct_peak_flops"]),
+                   f"{h['state_bytes_per_image'] / 2**20:.3g}", pct(h["pct_peak_bandwidth"]), pct(h["pct_of_bound"])])
     pk = result["rows"][0]["hardware"] if result["rows"] else {}
-    reporter.table(f"hardware limit (peak {pk.get('peak_tflops') or '-'} TFLOP/s, {pk.get('peak_tbps') or '-'} TB/s)",
-                   ["workload", "impl", "GFLOP/image", "TFLOP/s", "% peak FLOP/s", "state MiB/image",
-                    "% peak bandwidth", "% of bound"], hw)
+    reporter.table(f"hardware limit: conv/linear FLOPs and neuron-state bytes per image, against "
+                   f"peak {pk.get('peak_tflops') or '-'} TFLOP/s, {pk.get('peak_tbps') or '-'} TB/s",
+                   ["workload", "impl", "GFLOP/img", "GFLOP/s", "%peak FLOP", "state MiB/img", "%peak BW",
+                    "%bound"], hw)
     for net, rates in result.get("spike_rates", {}).items():
         reporter.print(f"spike rate {net}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in rates.items()))
     if result.get("seconds_for_10k_test_images") is not None:
         reporter.print(f"SNN evaluation of 10,000 test images at T="
                        f"{next(r['timesteps'] for r in result['rows'] if r['workload'] == 'snn_infer')}: "
                        f"{result['seconds_for_10k_test_images']:.1f} s (projected)")
+    if result.get("under_load"):
+        reporter.print(f"[yellow]warning:[/] the machine was busy (load average {result['load_avg_before'][0]:.1f} "
+                       f"before, {result['load_avg_after'][0]:.1f} after, {result['cpu_count']} CPUs): "
+                       f"timings are disturbed; compare cpu_seconds in the JSON")
     for g in result.get("goals", []):
         state = "[green]met[/]" if g["met"] else "[red]not met[/]"
         reporter.print(f"goal: {g['goal']}: {g['value']:.3g} -> {state}"

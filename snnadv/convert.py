@@ -118,7 +118,7 @@ def _run_until_stopped(snn: SNN, x: torch.Tensor, num_steps: int) -> None:
     balanced layer, its upstream state carried to the next chunk.
     """
     snn.reset_state()
-    chunk = snn.chunk_for(x.shape[0], num_steps)
+    chunk = snn.chunk_for(x.shape[0], num_steps, x.device.type)
     t0 = 0
     while t0 < num_steps:
         n = min(chunk, num_steps - t0)

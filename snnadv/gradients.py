@@ -218,7 +218,7 @@ class RateGradient:
                 sums[id(module)] = y.sum(0) + sums[id(module)] if id(module) in sums else y.sum(0)
             return y
 
-        chunk = 1 if m.mode == "reference" else m.chunk_for(images.shape[0], T)
+        chunk = 1 if m.mode == "reference" else m.chunk_for(images.shape[0], T, images.device.type)
         t0 = 0
         while t0 < T:
             n = min(chunk, T - t0)

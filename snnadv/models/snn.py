@@ -11,9 +11,9 @@ Time loop.  Two interchangeable executions of the same network:
 * ``mode="fused"`` (default): each layer processes all frames of a time chunk at
   once: synaptic layers (conv, linear, pooling) as one call over the T*B frames,
   neurons as one fused scan over T (:meth:`~snnadv.neurons.LIF.multistep`).
-  ``chunk_steps`` bounds the frames held at once (None: all T together when
-  autograd is on, else as many as fit a memory budget); neuron
-  state and dropout masks carry across chunks, so chunking changes memory, not
+  ``chunk_steps`` bounds the frames held at once (None: automatic, see
+  :meth:`SNN.chunk_for`); neuron state (and its gradient) and dropout masks
+  carry across chunks, so chunking changes memory, not
   results (beyond the order in which random numbers are drawn).
 * ``mode="reference"``: the obvious step-by-step loop, one frame through every
   layer per timestep, neurons through snnTorch's single-step ``forward``.  Slow;
@@ -153,17 +153,22 @@ class SNN(nn.Module):
             self.first_layer_outputs.append(y)
         return y
 
-    #: values of the widest layer held at once when chunking automatically (1 GiB in fp32)
-    chunk_budget = 2 ** 28
+    #: values of the widest layer held at once when chunking automatically: on a GPU
+    #: 2^28 (1 GiB fp32); on a CPU 2^22, so that chunks stay in cache-sized, reused
+    #: buffers (measured: T=128 inference 4.85 s -> 3.0 s, and 2.5 -> 1.8 s per
+    #: VGG5 training step at T=32, batch 16, on one core)
+    chunk_budget = {"cuda": 2 ** 28, "cpu": 2 ** 22}
 
-    def chunk_for(self, batch: int, num_steps: int) -> int:
-        """Timesteps per chunk: ``chunk_steps`` if set; without autograd, as many as fit
-        ``chunk_budget``; with autograd all T (BPTT keeps every step anyway)."""
+    def chunk_for(self, batch: int, num_steps: int, device_type: str = "cpu") -> int:
+        """Timesteps per chunk: ``chunk_steps`` if set; else as many as fit
+        ``chunk_budget`` (on a GPU, all T while autograd is on: BPTT keeps every step
+        anyway and one chunk is fastest there)."""
         if self.chunk_steps:
             return self.chunk_steps
-        if torch.is_grad_enabled():
+        if device_type == "cuda" and torch.is_grad_enabled():
             return num_steps
-        return max(1, min(num_steps, self.chunk_budget // (batch * self.spec.widest_activation())))
+        budget = self.chunk_budget.get(device_type, self.chunk_budget["cpu"])
+        return max(1, min(num_steps, budget // (batch * self.spec.widest_activation())))
 
     def _run(self, x: torch.Tensor | None, num_steps: int, record_at: list[int],
              frames: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -172,8 +177,9 @@ class SNN(nn.Module):
         The input is ``x`` (encoded here) or ready-made spike ``frames`` [T, B, ...].
         """
         self.reset_state()
-        batch = x.shape[0] if x is not None else frames.shape[1]
-        chunk = 1 if self.mode == "reference" else self.chunk_for(batch, num_steps)
+        ref = x if x is not None else frames
+        batch = ref.shape[0] if x is not None else ref.shape[1]
+        chunk = 1 if self.mode == "reference" else self.chunk_for(batch, num_steps, ref.device.type)
         acc = None  # summed output-layer input (fused) or summed output (reference)
         out, t0, want = [], 0, list(record_at)
         while t0 < num_steps:
