@@ -90,6 +90,10 @@ ANN_SCHEDULE = {
 FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 
 
+def _all_keys() -> set:
+    return set(COMMON).union(*(set(v) for v in STAGES.values()))
+
+
 def read_config(path: str | Path | None) -> dict:
     """Parse a TOML config; a missing or malformed file is a one-line error."""
     if path is None:
@@ -110,6 +114,7 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     ``flags`` holds command-line values; ``None`` means "not given".
     """
     data = config if isinstance(config, dict) else read_config(config)
+    all_keys = _all_keys()
     defaults = {**COMMON, **STAGES.get(stage, {})}
     out = dict(defaults)
     for table in ("common", stage):
@@ -119,7 +124,7 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
         for key, value in section.items():
             key = key.replace("-", "_")
             if key not in defaults:
-                if table == "common":
+                if table == "common" and key in all_keys:
                     continue  # [common] may hold settings of other stages
                 raise SnnadvError(f"unknown setting '{key}' in [{table}] (known: {', '.join(sorted(defaults))})")
             out[key] = value

@@ -164,9 +164,11 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     """Train an ANN with the paper's recipe (SGD, momentum, step schedule)."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     epochs0, lr0, milestones0 = ANN_SCHEDULE.get(cfg["arch"], ANN_SCHEDULE["vgg5"])
-    cfg = {**cfg, "epochs": cfg["epochs"] or epochs0, "lr": cfg["lr"] or lr0}
-    if cfg["milestones"] is None:  # scale the paper's milestones to a shorter run
-        cfg["milestones"] = [round(m * cfg["epochs"] / epochs0) for m in milestones0]
+    cfg = {**cfg, "epochs": epochs0 if cfg["epochs"] is None else cfg["epochs"],
+           "lr": lr0 if cfg["lr"] is None else cfg["lr"]}
+    check_positive(cfg, "epochs", "lr")
+    if cfg["milestones"] is None:  # scale the paper's milestones to a shorter run (never epoch 0)
+        cfg["milestones"] = [max(1, round(m * cfg["epochs"] / epochs0)) for m in milestones0]
     spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
     device, train, test = _setup(cfg)
     out, metrics_path = _outputs(cfg, f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")

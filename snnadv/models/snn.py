@@ -205,7 +205,7 @@ class SNN(nn.Module):
 
     def forward(self, x: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """Logits [B, classes] = accumulated output membrane / T, for images in [0, 1]."""
-        T = check_steps(num_steps or self.num_steps)
+        T = check_steps(self.num_steps if num_steps is None else num_steps)
         return self._run(x, T, [T])[0]
 
     def forward_frames(self, frames: torch.Tensor) -> torch.Tensor:

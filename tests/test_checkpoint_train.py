@@ -1,0 +1,261 @@
+"""ANN training (paper Sec. 3.2) and the checkpoint format: accuracy on real data,
+exact round trips, resume = uninterrupted, NaN handling, seeds, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import snnadv
+import snnadv.train
+from snnadv.checkpoint import file_hash, load_checkpoint, save_checkpoint
+from snnadv.config import resolve
+from snnadv.data import load_dataset
+from snnadv.errors import CheckpointError, SnnadvError, TrainingError
+from snnadv.evaluate import accuracy
+from snnadv.models import ANN, ArchSpec, get_spec
+from snnadv.train import train_ann
+
+#: a tiny, fast training run (seconds on a CPU)
+TINY = dict(arch="tiny", epochs=1, lr=0.05, batch_size=64, train_subset=640, test_subset=100, seed=0,
+            device="cpu", quiet=True)
+
+
+def _tiny_cfg(shared_data, out, **kw):
+    return resolve("train-ann", flags={**TINY, "data_dir": str(shared_data), "out": str(out), **kw})
+
+
+def _weights(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- the session ANN (VGG5 on cifar10-mini) ----------------------------------------------------
+
+
+def test_vgg5_ann_learns_far_above_chance(trained_ann):
+    m = trained_ann["result"]["metrics"]
+    print(f"\nANN VGG5 test accuracy: {m['test_acc']:.2f}% (history {[h['test_acc'] for h in m['history']]})")
+    assert m["epochs"] == trained_ann["cfg"]["epochs"] == len(m["history"])
+    assert m["test_acc"] > 25.0  # chance is 10%
+    assert m["history"][-1]["loss"] < m["history"][0]["loss"]
+
+
+def test_result_json_beside_the_checkpoint(trained_ann):
+    path = trained_ann["path"]
+    js = json.loads(path.with_suffix(".json").read_text())
+    assert js["stage"] == "ann"
+    assert js["sha256"] == file_hash(path)
+    assert js["config"]["arch"] == "vgg5" and js["config"]["epochs"] == trained_ann["cfg"]["epochs"]
+    assert js["metrics"]["test_acc"] == trained_ann["result"]["metrics"]["test_acc"]
+
+
+def test_checkpoint_loads_with_weights_only(trained_ann):
+    ckpt = torch.load(trained_ann["path"], map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "snnadv-checkpoint" and ckpt["stage"] == "ann"
+    assert ckpt["dataset"] == "cifar10"
+    assert ArchSpec.from_dict(ckpt["spec"]) == get_spec("vgg5", 10)
+    assert {"snnadv", "torch", "snntorch"} <= set(ckpt["versions"])
+    assert ckpt["metrics"]["test_acc"] == trained_ann["result"]["metrics"]["test_acc"]
+    assert not [k for k in ckpt["state_dict"] if k.endswith("bias")]
+
+
+def test_load_model_round_trip(trained_ann, shared_data):
+    """``snnadv.load_model`` rebuilds the network exactly: same outputs as the saved
+    weights in a fresh ANN, and the same test accuracy as recorded during training."""
+    model = snnadv.load_model(trained_ann["path"])
+    assert isinstance(model, ANN) and not model.training and model.kind == "ann"
+    ckpt = torch.load(trained_ann["path"], map_location="cpu", weights_only=True)
+    fresh = ANN(get_spec("vgg5", 10))
+    fresh.load_state_dict(ckpt["state_dict"])
+    fresh.eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    _, test = load_dataset("cifar10", shared_data, "cpu", None, trained_ann["cfg"]["test_subset"])
+    acc = accuracy(model, test, 256)["mean"]
+    assert acc == pytest.approx(trained_ann["result"]["metrics"]["test_acc"], abs=1e-9)
+
+
+def test_finished_checkpoint_keeps_its_train_state(trained_ann):
+    """Kept after the last epoch, so that a finished run can be extended with --resume."""
+    ckpt = torch.load(trained_ann["path"], map_location="cpu", weights_only=True)
+    state = ckpt["train_state"]
+    assert state["epoch"] == trained_ann["cfg"]["epochs"] == len(state["history"])
+    assert {"optimizer", "scheduler", "rng"} <= set(state)
+
+
+def test_loading_the_wrong_stage_is_an_error(trained_ann):
+    assert load_checkpoint(trained_ann["path"], "ann")["stage"] == "ann"
+    assert load_checkpoint(trained_ann["path"], ("ann", "snn-bp"))["stage"] == "ann"
+    for stage in ("snn-conv", ("snn-conv", "snn-bp")):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(trained_ann["path"], stage)
+        assert "ann" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- corrupt and foreign files ------------------------------------------------------------------
+
+
+def _one_line_checkpoint_error(path):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert msg and "\n" not in msg and str(path) in msg
+    with pytest.raises(CheckpointError):
+        snnadv.load_model(path)
+    return msg
+
+
+def test_corrupt_checkpoints_are_one_line_errors(trained_ann, tmp_path):
+    data = trained_ann["path"].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    _one_line_checkpoint_error(truncated)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    _one_line_checkpoint_error(noise)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    _one_line_checkpoint_error(empty)
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint\nsecond line\n")
+    _one_line_checkpoint_error(text)
+    assert "does not exist" in _one_line_checkpoint_error(tmp_path / "missing.pt")
+
+
+def test_foreign_torch_files_are_refused(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, plain)
+    assert "not an snnadv checkpoint" in _one_line_checkpoint_error(plain)
+    # a pickle that would run code is refused by weights_only, never executed
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "snnadv-checkpoint", "obj": _Evil()}, evil)
+    _one_line_checkpoint_error(evil)
+    assert not (tmp_path / "pwned").exists()
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": "snnadv-checkpoint", "format_version": 99, "stage": "ann"}, newer)
+    assert "newer" in _one_line_checkpoint_error(newer)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.mkdir, ("/nonexistent-snnadv-test-dir/pwned",))
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "sub" / "c.pt"
+    save_checkpoint(path, {"stage": "ann", "state_dict": {"w": torch.ones(3)}})
+    assert load_checkpoint(path)["state_dict"]["w"].sum() == 3
+    assert sorted(p.name for p in path.parent.iterdir()) == ["c.pt"]
+
+
+# -- training runs on tiny ----------------------------------------------------------------------
+
+
+def test_resume_after_interruption_equals_uninterrupted(shared_data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight.pt"
+    r_straight = train_ann(_tiny_cfg(shared_data, straight, epochs=3))
+
+    # the same run, interrupted (Ctrl-C) right after epoch 2's checkpoint was written
+    real_save, saves = snnadv.train.save_checkpoint, []
+
+    def save_then_interrupt(path, ckpt):
+        real_save(path, ckpt)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    broken = tmp_path / "broken.pt"
+    monkeypatch.setattr(snnadv.train, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_ann(_tiny_cfg(shared_data, broken, epochs=3))
+    monkeypatch.setattr(snnadv.train, "save_checkpoint", real_save)
+    assert load_checkpoint(broken)["train_state"]["epoch"] == 2
+
+    r_resumed = train_ann(_tiny_cfg(shared_data, broken, epochs=3, resume=True))
+    _assert_same_weights(_weights(straight), _weights(broken))
+    strip = lambda h: [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in h]
+    assert strip(r_resumed["metrics"]["history"]) == strip(r_straight["metrics"]["history"])
+    assert r_resumed["metrics"]["epochs"] == 3
+
+
+def test_resume_two_then_three_epochs_equals_three(shared_data, tmp_path):
+    """2 epochs, then --resume with epochs=3 = 3 epochs straight (same lr schedule)."""
+    straight, resumed = tmp_path / "a.pt", tmp_path / "b.pt"
+    train_ann(_tiny_cfg(shared_data, straight, epochs=3, milestones=[2]))
+    train_ann(_tiny_cfg(shared_data, resumed, epochs=2, milestones=[2]))
+    first = _weights(resumed)
+    train_ann(_tiny_cfg(shared_data, resumed, epochs=3, milestones=[2], resume=True))
+    _assert_same_weights(_weights(straight), _weights(resumed))
+    assert not torch.equal(first["classifier.weight"], _weights(resumed)["classifier.weight"])
+
+
+def test_same_seed_same_weights_other_seed_other_weights(shared_data, tmp_path):
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    train_ann(_tiny_cfg(shared_data, a))
+    train_ann(_tiny_cfg(shared_data, b))
+    train_ann(_tiny_cfg(shared_data, c, seed=1))
+    _assert_same_weights(_weights(a), _weights(b))
+    assert not torch.equal(_weights(a)["conv1.weight"], _weights(c)["conv1.weight"])
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(shared_data, tmp_path):
+    out = tmp_path / "ann.pt"
+    train_ann(_tiny_cfg(shared_data, out))
+    before = file_hash(out), out.with_suffix(".json").read_bytes()
+    with pytest.raises(TrainingError) as e:
+        train_ann(_tiny_cfg(shared_data, out, lr=1e6))
+    msg = str(e.value)
+    assert "nan" in msg.lower() and "\n" not in msg
+    assert (file_hash(out), out.with_suffix(".json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.json", "ann.pt"]
+
+
+def test_resume_errors(shared_data, tmp_path):
+    out = tmp_path / "ann.pt"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train_ann(_tiny_cfg(shared_data, out, resume=True))
+    train_ann(_tiny_cfg(shared_data, out))
+    # a checkpoint of another architecture at --out
+    with pytest.raises(CheckpointError) as e:
+        train_ann(_tiny_cfg(shared_data, out, arch="resnet20", resume=True))
+    assert "tiny" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_arch_and_dataset_are_errors(shared_data, tmp_path):
+    with pytest.raises(SnnadvError, match="vgg99"):
+        train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", arch="vgg99"))
+    with pytest.raises(SnnadvError, match="mnist"):
+        train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", dataset="mnist"))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", -1), ("batch_size", 0), ("epochs", -2), ("lr", -0.1)])
+def test_non_positive_settings_are_errors(shared_data, tmp_path, key, value):
+    with pytest.raises(SnnadvError):
+        train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", **{key: value}))
+
+
+@pytest.mark.parametrize("key", ["epochs", "lr"])
+def test_zero_epochs_or_lr_is_an_error(shared_data, tmp_path, monkeypatch, key):
+    def no_training(*a, **k):
+        raise AssertionError(f"training started with {key}=0")
+
+    monkeypatch.setattr(snnadv.train, "fit", no_training)
+    with pytest.raises(SnnadvError):
+        train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", **{key: 0}))
+
+
+def test_short_run_trains_its_first_epoch_at_the_given_lr(shared_data, tmp_path):
+    r = train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", arch="vgg5", epochs=1, train_subset=64,
+                            test_subset=10))
+    assert r["metrics"]["history"][0]["lr"] == pytest.approx(0.05)
