@@ -27,7 +27,7 @@ from .data import load_split, to_float
 from .errors import SnnadvError
 from .evaluate import accuracy_on, is_snn
 from .gradients import make_gradient
-from .report import Reporter, write_json
+from .report import Reporter, atomic_write_text, write_json
 
 KINDS = ("ann", "snn-conv", "snn-bp")
 
@@ -218,7 +218,7 @@ def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
     out = out.parent / out.stem if out.suffix else out
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tables.json", result)
-    (out / "tables.md").write_text(tables_markdown(result))
+    atomic_write_text(out / "tables.md", tables_markdown(result))
     reporter.print(f"[green]saved[/] {out / 'tables.json'} and {out / 'tables.md'}")
     return result
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..encoding import check_bits
 from ..errors import SnnadvError
-from ..report import write_json
+from ..report import atomic_write_text, write_json
 
 #: the analyses, in the paper's order (the ``snnadv analyze`` subcommands)
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")
@@ -185,21 +185,6 @@ def versions() -> dict:
 
 
 # --------------------------------------------------------------------------- writing
-def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")

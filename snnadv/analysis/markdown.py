@@ -28,7 +28,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import SnnadvError
 from ..report import Reporter
-from .common import ANALYSES, atomic_write_text
+from ..report import atomic_write_text
+from .common import ANALYSES
 
 INTERNAL_DIRS = ("settings", "parents")
 
