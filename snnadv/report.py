@@ -22,6 +22,8 @@ from rich.table import Table
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.console = console or Console(quiet=quiet, highlight=False)
+        if console is None and not self.console.is_terminal:
+            self.console.width = max(self.console.width, 160)  # logs: do not cut wide tables
         self.quiet = quiet
 
     def print(self, *args, **kwargs) -> None:
@@ -32,7 +34,8 @@ class Reporter:
         """A progress bar; yields ``advance(n=1, **fields)``."""
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
+        live = not self.quiet and self.console.is_terminal  # no bars in logs (per-epoch lines remain)
+        with Progress(*columns, console=self.console, transient=True, disable=not live) as bar:
             task = bar.add_task(description, total=total, info="")
 
             def advance(n: int = 1, info: str | None = None) -> None:
