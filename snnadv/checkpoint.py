@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from . import __version__
 from .errors import CheckpointError
 from .models import ANN, SNN, ArchSpec
 from .neurons import make_surrogate, surrogate_from_dict
+from .report import atomic_target
 
 FORMAT = "snnadv-checkpoint"
 FORMAT_VERSION = 1
@@ -59,19 +59,11 @@ def file_hash(path: str | os.PathLike) -> str:
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
     """Write ``ckpt`` to ``path`` atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **ckpt}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -61,20 +61,31 @@ def fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+@contextmanager
+def atomic_target(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    An error or Ctrl-C inside the block removes the temporary file and leaves any
+    existing ``path`` untouched (used for checkpoints, JSON, Markdown, CSV, figures).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_target(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

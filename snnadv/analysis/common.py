@@ -19,13 +19,11 @@ import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ..encoding import check_bits
 from ..errors import SnnadvError
-from ..report import atomic_write_text, write_json
+from ..report import atomic_target, atomic_write_text, write_json
 
 #: the analyses, in the paper's order (the ``snnadv analyze`` subcommands)
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")
@@ -214,15 +212,8 @@ def save_figure(fig, path: Path) -> Path:
 
     FigureCanvasAgg(fig)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path, ".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
