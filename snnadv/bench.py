@@ -53,7 +53,7 @@ from snntorch import spikegen, surrogate
 from torch import nn
 
 from .checkpoint import load_weights
-from .config import COMMON, read_config, resolve_device
+from .config import resolve, resolve_device
 from .errors import SnnadvError
 from .models import ANN, SNN, get_spec
 from .models.ann import BasicBlock, make_layer
@@ -87,8 +87,6 @@ PRESETS = {
 }
 
 #: settings of ``snnadv bench`` (beside the common ones); a config's [bench] table may set them
-BENCH = {"preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
-         "peak_tflops": None, "peak_tbps": None, "precision": "fp32", "chunk_steps": None}
 
 PGD_STEPS, PGD_EPS, PGD_ALPHA = 7, 8 / 255, 2 / 255
 BP_LEAK, BP_SCALE = 0.99, 0.7   # SNN-BP: leak and threshold scale (the fine-tuning defaults)
@@ -379,29 +377,27 @@ def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak:
 
 def spike_rates(model: SNN, x: torch.Tensor, num_steps: int) -> dict[str, float]:
     """Mean spike rate (spikes per neuron per step) of every spiking layer of an SNN on ``x``
-    (the fused path: each neuron's ``multistep`` is wrapped for one eval forward)."""
+    (one eval forward on the fused path, recorded by each neuron's ``spike_hook``)."""
     from .neurons import LIF
 
     counts: dict[str, list[float]] = {}
-    wrapped = []
+    hooked = []
     for name, m in model.named_modules():
         if isinstance(m, LIF):
-            def record(current, _m=m, _name=name):
-                spk = type(_m).multistep(_m, current)
+            def record(spk, _name=name):
                 c = counts.setdefault(_name, [0.0, 0.0])
-                c[0] += float(spk.detach().sum())
+                c[0] += float(spk.sum())
                 c[1] += spk.numel()
-                return spk
-            m.multistep = record
-            wrapped.append(m)
+            m.spike_hook = record
+            hooked.append(m)
     was, mode = model.training, model.mode
     model.eval()
     model.mode = "fused"
     try:
         model(x, num_steps)
     finally:
-        for m in wrapped:
-            del m.multistep
+        for m in hooked:
+            m.spike_hook = None
         model.train(was)
         model.mode = mode
     return {n: s / max(c, 1.0) for n, (s, c) in counts.items()}
@@ -500,25 +496,7 @@ _FUNCS = {"ann_train": ann_train, "snn_train": snn_train, "snn_infer": snn_infer
 # -- settings -----------------------------------------------------------------------------
 def resolve_bench(config=None, flags: dict | None = None) -> dict:
     """Settings of ``snnadv bench``: defaults < config [common] < config [bench] < flags."""
-    data = config if isinstance(config, dict) else read_config(config)
-    known = {**COMMON, **BENCH}
-    cfg = {**known, "batch_size": None}
-    for table in ("common", "bench"):
-        section = data.get(table, {})
-        if not isinstance(section, dict):
-            raise SnnadvError(f"[{table}] in the config must be a table")
-        for key, value in section.items():
-            key = key.replace("-", "_")
-            if key not in known:
-                if table == "common":
-                    continue
-                raise SnnadvError(f"unknown setting '{key}' in [bench] (known: {', '.join(sorted(known))})")
-            cfg[key] = value
-    for key, value in (flags or {}).items():
-        if value is not None and key != "config":
-            cfg[key] = value
-    cfg["stage"] = "bench"
-    return cfg
+    return resolve("bench", config, flags)
 
 
 def _per_workload(value, name: str, what: str) -> dict:

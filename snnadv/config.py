@@ -76,6 +76,10 @@ STAGES = {
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
         "input_bits": None, "proxy_ckpt": None, "blackbox_ckpt": None, "test_subset": 1000,
     },
+    "bench": {  # snnadv.bench; batch size and T come from the preset unless given
+        "preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
+        "peak_tflops": None, "peak_tbps": None, "precision": "fp32", "chunk_steps": None, "batch_size": None,
+    },
 }
 
 #: the paper's ANN schedule per architecture: (epochs, lr, milestones)

@@ -207,26 +207,20 @@ class RateGradient:
         """One real forward pass on fresh spikes: ``{id(neuron): rate [B, ...]}``."""
         m = self.model
         T = num_steps or m.num_steps
-        m.reset_state()
         sums: dict[int, torch.Tensor] = {}
 
-        def apply(module, h):
-            if isinstance(module, BasicBlock):
-                return module(h, apply)
-            y = m._layer(module, h)
-            if isinstance(module, LIF):
-                sums[id(module)] = y.sum(0) + sums[id(module)] if id(module) in sums else y.sum(0)
-            return y
+        def recorder(neuron):
+            def hook(spk):
+                sums[id(neuron)] = spk.sum(0) + sums[id(neuron)] if id(neuron) in sums else spk.sum(0)
+            return hook
 
-        chunk = 1 if m.mode == "reference" else m.chunk_for(images.shape[0], T, images.device.type)
-        t0 = 0
-        while t0 < T:
-            n = min(chunk, T - t0)
-            h = m.encoder(images, n)
-            for name in m._hidden:
-                h = apply(getattr(m, name), h)
-            t0 += n
-        m.reset_state()
+        for n in m.neurons:
+            n.spike_hook = recorder(n)
+        try:
+            m(images, T)  # the model's own time loop (chunks, encoder draws)
+        finally:
+            for n in m.neurons:
+                n.spike_hook = None
         return {k: v / T for k, v in sums.items()}
 
     def rate_logits(self, x: torch.Tensor, rates: dict[int, torch.Tensor]) -> torch.Tensor:

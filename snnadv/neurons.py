@@ -178,6 +178,7 @@ class LIF(snn.Leaky):
         self.dt_init = float(dt_init)
         self.register_buffer("dt", torch.zeros(0), persistent=False)
         self.current_hook = None  # callable(current [T, B, ...]); used by threshold balancing
+        self.spike_hook = None    # callable(spikes [T, B, ...]); used to measure spike rates
 
     # -- configuration -------------------------------------------------------
     @property
@@ -210,6 +211,8 @@ class LIF(snn.Leaky):
             self.dt = torch.full_like(input_, self.dt_init)
         spk, mem = super().forward(input_, mem)
         self.dt = torch.where(spk.detach() > 0, torch.ones_like(self.dt), self.dt + 1.0)
+        if self.spike_hook is not None:
+            self.spike_hook(spk.detach().unsqueeze(0))
         return spk, mem
 
     # -- all timesteps at once (the fast path) --------------------------------
@@ -231,6 +234,8 @@ class LIF(snn.Leaky):
             mem0, dt0 = self.mem, self.dt
         spk, self.mem, self.dt = lif_scan(current, mem0, dt0, self.leak, float(self.threshold),
                                           self.hard_reset, self.surrogate)
+        if self.spike_hook is not None:
+            self.spike_hook(spk.detach())
         return spk
 
     def extra_repr(self) -> str:
