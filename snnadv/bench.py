@@ -621,9 +621,19 @@ def hardware(name: str, row: dict, counts: dict, peak_tflops, peak_tbps) -> dict
 
 def goals(device: torch.device, arch: str, rows: list[dict]) -> list[dict]:
     """The issue's targets, checked against this run (``applies``: settings match the target's)."""
-    by = {(r["workload"], r["impl"]): r for r in rows}
     out = []
-    tr = by.get(("snn_train", "snnadv"))
+    for r in rows:
+        if r["impl"] == "snnadv" and r["workload"] in ("snn_train", "snn_infer"):
+            for g in _goals_of(device, arch, r):
+                g["goal"] += f" [{r.get('precision', 'fp32')}]"
+                out.append(g)
+    return out
+
+
+def _goals_of(device: torch.device, arch: str, row: dict) -> list[dict]:
+    """The targets that one snnadv row of the training or evaluation workload is checked against."""
+    out = []
+    tr = row if row["workload"] == "snn_train" else None
     if tr is not None and tr.get("speedup") is not None:
         if device.type == "cuda":
             out.append({"goal": "SNN-BP training VGG5 T=100 batch>=64: >= 20x plain snnTorch",
@@ -637,7 +647,7 @@ def goals(device: torch.device, arch: str, rows: list[dict]) -> list[dict]:
         out.append({"goal": "SNN-BP training VGG5 T=100 batch>=64: >= 2000 images/s",
                     "value": tr["images_per_s"], "target": 2000.0, "met": tr["images_per_s"] >= 2000.0,
                     "applies": arch == "vgg5" and tr["timesteps"] == 100 and tr["batch"] >= 64})
-    inf = by.get(("snn_infer", "snnadv"))
+    inf = row if row["workload"] == "snn_infer" else None
     if device.type == "cuda" and inf is not None:
         sec = 10000 / inf["images_per_s"]
         out.append({"goal": "SNN evaluation T=2500 of 10,000 test images: < 120 s", "value": sec,
@@ -658,13 +668,10 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         raise SnnadvError(f"unknown dataset '{dataset}' (choose {', '.join(DATASETS)})")
     spec = get_spec(arch, DATASETS[dataset])
     seed = int(cfg.get("seed") or 0)
-    precision = cfg.get("precision") or "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise SnnadvError(f"unknown precision '{precision}' (choose fp32 or bf16)")
+    precisions = _precisions(cfg.get("precision"))
     chunk = cfg.get("chunk_steps")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise SnnadvError(f"chunk steps must be a positive integer, got {chunk}")
-    snn_options = {"precision": None if precision == "fp32" else precision, "chunk_steps": chunk}
     peak_tflops, peak_tbps = default_peaks(device)
     peak_tflops = cfg.get("peak_tflops") or peak_tflops
     peak_tbps = cfg.get("peak_tbps") or peak_tbps
@@ -677,7 +684,7 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         counts = count_spec(spec)
         result = {"preset": preset, "arch": arch, "dataset": dataset, "num_classes": spec.num_classes,
                   **_device_info(device), "load_avg_before": load_before,
-                  "snnadv_options": {"precision": precision, "chunk_steps": chunk,
+                  "snnadv_options": {"precision": ",".join(precisions), "chunk_steps": chunk,
                                      "note": "the snntorch baseline and ann_train always run in fp32"},
                   "per_image_per_step": counts, "pgd": {"steps": PGD_STEPS, "eps": PGD_EPS, "alpha": PGD_ALPHA},
                   "snn_bp": {"leak": BP_LEAK, "threshold_scale": BP_SCALE, "surrogate_snnadv": "stdb (Eq. 4)",
@@ -698,10 +705,12 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         result["thresholds"], result["spike_rates"] = thresholds, rates
         rows = []
         for w, s in work.items():
-            impls = ["torch"] if w == "ann_train" else list(IMPLS)
+            runs = [("torch", "fp32")] if w == "ann_train" else \
+                [("snnadv", p) for p in precisions] + [("snntorch", "fp32")]
             net = "snn_conv" if w == "snn_infer" else "snn_bp"
-            for impl in impls:
-                reporter.print(f"{w} ({impl}): batch {s['batch']}, T={s['timesteps']}, "
+            for impl, precision in runs:
+                snn_options = {"precision": precision, "chunk_steps": chunk}
+                reporter.print(f"{w} ({impl} {precision}): batch {s['batch']}, T={s['timesteps']}, "
                                f"{s['warmup']} warm-up + {s['iters']} timed iteration(s)")
                 torch.manual_seed(seed)
                 kw = dict(batch=s["batch"], iters=s["iters"], warmup=s["warmup"], device=device, seed=seed)
@@ -712,16 +721,18 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
                         kw["warmup_timesteps"] = min(s["warmup_timesteps"], s["timesteps"])
                     row = _FUNCS[w](spec, weights, impl=impl, thresholds=thresholds[net],
                                     timesteps=s["timesteps"], snn_options=snn_options, **kw)
-                row = {"workload": w, "impl": impl, **row, "network": None if w == "ann_train" else net,
+                row = {"workload": w, "impl": impl, "precision": precision, **row,
+                       "network": None if w == "ann_train" else net,
                        "warmup_timesteps": kw.get("warmup_timesteps")}
                 row["hardware"] = hardware(w, row, counts, peak_tflops, peak_tbps)
                 rows.append(row)
         for r in rows:
             other = next((o for o in rows if o["workload"] == r["workload"] and o["impl"] == "snntorch"), None)
             r["speedup"] = r["images_per_s"] / other["images_per_s"] if other and r["impl"] == "snnadv" else None
-        infer = next((r for r in rows if r["workload"] == "snn_infer" and r["impl"] == "snnadv"), None)
+        infer = max((r for r in rows if r["workload"] == "snn_infer" and r["impl"] == "snnadv"),
+                    key=lambda r: r["images_per_s"], default=None)
         result["rows"] = rows
-        result["speedups"] = {r["workload"]: r["speedup"] for r in rows if r["speedup"] is not None}
+        result["speedups"] = {_label(r): r["speedup"] for r in rows if r["speedup"] is not None}
         result["seconds_for_10k_test_images"] = 10000 / infer["images_per_s"] if infer else None
         result["goals"] = goals(device, arch, rows)
         result["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -732,6 +743,24 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         torch.backends.cudnn.benchmark = cudnn_was
 
 
+def _precisions(value) -> list[str]:
+    """``"fp32"``, ``"bf16"`` or ``"fp32,bf16"`` (both, one row each) -> list."""
+    names = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value or "fp32").split(",")]
+    names = [n for n in names if n]
+    for n in names:
+        if n not in ("fp32", "bf16"):
+            raise SnnadvError(f"unknown precision '{n}' (choose fp32, bf16 or fp32,bf16)")
+    if not names:
+        raise SnnadvError("--precision selects nothing (choose fp32, bf16 or fp32,bf16)")
+    return list(dict.fromkeys(names))
+
+
+def _label(row: dict) -> str:
+    """``workload`` for fp32 rows, ``workload:bf16`` otherwise (keys of ``speedups``)."""
+    p = row.get("precision", "fp32")
+    return row["workload"] if p == "fp32" else f"{row['workload']}:{p}"
+
+
 def _mem(v) -> str:
     return "n/a" if v is None else f"{v / 2**20:.0f} MiB"
 
@@ -739,12 +768,11 @@ def _mem(v) -> str:
 def print_result(result: dict, reporter: Reporter) -> None:
     rows = []
     for r in result["rows"]:
-        rows.append([r["workload"], r["impl"], r["batch"], r["timesteps"], f"{r['images_per_s']:.4g}",
+        rows.append([r["workload"], f"{r['impl']} {r.get('precision', 'fp32')}", r["batch"], r["timesteps"], f"{r['images_per_s']:.4g}",
                      _mem(r["peak_mem_bytes"]), None if r["speedup"] is None else f"{r['speedup']:.2f}x"])
     mem = result["rows"][0]["memory_measure"] if result["rows"] else ""
     opts = result.get("snnadv_options", {})
-    extra = "".join([f", snnadv {opts['precision']}" if opts.get("precision", "fp32") != "fp32" else "",
-                     f", snnadv chunk {opts['chunk_steps']} steps" if opts.get("chunk_steps") else ""])
+    extra = f", snnadv chunk {opts['chunk_steps']} steps" if opts.get("chunk_steps") else ""
     reporter.table(f"snnadv bench: {result['arch']} on {result['device_name']} ({result['device']}, "
                    f"{result['threads']} threads, torch {result['torch']}{extra}); peak mem = {mem}",
                    ["workload", "impl", "batch", "T", "images/s", "peak mem", "speed-up vs snntorch"], rows)
@@ -752,7 +780,7 @@ def print_result(result: dict, reporter: Reporter) -> None:
     for r in result["rows"]:
         h = r["hardware"]
         pct = lambda v: None if v is None else f"{v:.2f}%"  # noqa: E731
-        hw.append([r["workload"], r["impl"], f"{h['flops_per_image'] / 1e9:.3g}",
+        hw.append([r["workload"], f"{r['impl']} {r.get('precision', 'fp32')}", f"{h['flops_per_image'] / 1e9:.3g}",
                    f"{h['achieved_tflops'] * 1e3:.4g}", pct(h["pct_peak_flops"]),
                    f"{h['state_bytes_per_image'] / 2**20:.3g}", pct(h["pct_peak_bandwidth"]), pct(h["pct_of_bound"])])
     pk = result["rows"][0]["hardware"] if result["rows"] else {}

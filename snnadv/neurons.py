@@ -83,6 +83,11 @@ class SpikeTime(Surrogate):
     def grad(self, mem, thr, dt):
         return self.alpha * torch.exp(-self.beta * dt)
 
+    def step_decay(self) -> float:
+        """exp(-beta): the factor by which ds/du shrinks per step without a spike
+        (the fused scans carry ds/du as a running product instead of dt)."""
+        return math.exp(-self.beta)
+
 
 class LinearSurrogate(Surrogate):
     """ds/du = gamma * max(0, 1 - |u / thr - 1|)."""
@@ -263,8 +268,8 @@ class TimeDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         if self.mask is None or self.mask.shape != x.shape[1:]:
-            keep = torch.full(x.shape[1:], 1.0 - self.p, device=x.device, dtype=x.dtype)
-            self.mask = torch.bernoulli(keep) / (1.0 - self.p)
+            # drawn in the layout of a frame (channels-last stays channels-last)
+            self.mask = torch.empty_like(x[0]).bernoulli_(1.0 - self.p).div_(1.0 - self.p)
         return x * self.mask
 
     def extra_repr(self) -> str:

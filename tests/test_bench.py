@@ -12,6 +12,7 @@ import torch
 
 from snnadv.bench import PlainSnnTorchNet, calibrate, count_spec, make_snn, plan, spike_rates
 from snnadv.cli.main import main
+from snnadv.errors import SnnadvError
 from snnadv.models import ANN, SNN, get_spec
 
 
@@ -109,3 +110,13 @@ def test_run_bench_snnadv_options():
     assert r["snnadv_options"]["precision"] == "bf16" and r["snnadv_options"]["chunk_steps"] == 2
     assert [row["workload"] for row in r["rows"]] == ["snn_train", "snn_train"]
     assert all(row["images_per_s"] > 0 for row in r["rows"])
+    # both precisions in one run: a row each, each compared with the same fp32 baseline
+    r = run_bench({"preset": "tiny", "device": "cpu", "only": "snn_train", "precision": "fp32,bf16"})
+    assert [(row["impl"], row["precision"]) for row in r["rows"]] == [
+        ("snnadv", "fp32"), ("snnadv", "bf16"), ("snntorch", "fp32")]
+    base = r["rows"][2]["images_per_s"]
+    assert r["speedups"] == {"snn_train": r["rows"][0]["images_per_s"] / base,
+                             "snn_train:bf16": r["rows"][1]["images_per_s"] / base}
+    assert [g["goal"][-6:] for g in r["goals"]] == ["[fp32]", "[bf16]"]
+    with pytest.raises(SnnadvError, match="fp16"):
+        run_bench({"preset": "tiny", "device": "cpu", "precision": "fp16"})

@@ -321,6 +321,49 @@ def test_multistep_equals_step_by_step(surrogate, reset, leak):
         torch.testing.assert_close(g, g0, rtol=1e-6, atol=1e-6)
 
 
+def test_multistep_keeps_channels_last_layout_and_values():
+    """Convolution outputs in channels-last memory go through the scan without a copy
+    into NCHW: same spikes, state and gradients as the contiguous input, same strides out."""
+    torch.manual_seed(3)
+    T, B, C, H, W = 5, 2, 4, 3, 3
+    base = torch.randn(T, B, C, H, W) * 0.8 + 0.4
+    cl = base.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # NHWC memory, NCHW shape
+    assert not cl.is_contiguous() and torch.equal(cl, base)
+    out = {}
+    for name, cur in (("nchw", base), ("nhwc", cl)):
+        lif = LIF(leak=0.9, threshold=1.0, surrogate=make_surrogate("stdb", beta=0.05), dt_init=20.0)
+        lif.reset_state()
+        x = cur.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        parts = [lif.multistep(x[:2]), lif.multistep(x[2:])]
+        if name == "nhwc":
+            assert [p.stride() for p in parts] == [cur[:2].stride(), cur[2:].stride()]
+        spk = torch.cat(parts)
+        (spk * torch.arange(spk.numel()).view(spk.shape).float().sin()).sum().backward()
+        out[name] = (spk, lif.mem, lif.dt, x.grad)
+        if name == "nhwc":
+            assert x.grad.stride() == cur.stride()
+    for a, b in zip(out["nchw"], out["nhwc"]):
+        assert torch.equal(a, b)
+
+
+def test_multistep_spike_time_surrogate_over_long_runs():
+    """The scan carries Eq. 4's ds/du as a running product (x exp(-beta) per step); over
+    400 steps from dt_init = 1000 it stays within fp32 tolerance of exp(-beta * dt)."""
+    torch.manual_seed(4)
+    T = 400
+    current = torch.rand(T, 64) * 0.3  # sparse firing: long silent stretches
+    sur = make_surrogate("stdb")
+    grads = []
+    for fn in (_run_steps, lambda l, c: _run_chunks(l, c, [0, 150, T])):
+        lif = LIF(leak=0.99, threshold=1.0, surrogate=sur)
+        cur = current.clone().requires_grad_(True)
+        spk, _, _ = fn(lif, cur)
+        spk.sum().backward()
+        grads.append(cur.grad)
+    assert grads[0].abs().max() > 1e-2
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-9)
+
+
 def test_multistep_gradient_reaches_the_carried_state():
     """With chunks, the gradient of a later chunk flows into the earlier chunk's input."""
     lif = LIF(leak=0.9, threshold=1.0, surrogate=LinearSurrogate(0.3))
