@@ -44,6 +44,9 @@ def cli():
       snnadv convert   --config configs/quick.toml --checkpoint runs/ann.pt --out runs/conv.pt
       snnadv finetune  --config configs/quick.toml --checkpoint runs/conv.pt --leak 0.95 --out runs/bp.pt
     """
+    from snnadv.runtime import keep_freed_memory
+
+    keep_freed_memory()  # large CPU tensors are reused, not page-faulted in again (snnadv.runtime)
 
 
 @cli.command("train-ann")

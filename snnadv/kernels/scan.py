@@ -53,14 +53,14 @@ class _LIFScan(torch.autograd.Function):
     def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate):
         T = current.shape[0]
         out = torch.empty_like(current)  # spikes in the current's dtype (the next layer's input)
-        keep_mem = surrogate.needs_mem and ctx.needs_input_grad[0]
+        keep_mem = surrogate.needs_mem and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         mems = torch.empty(current.shape, dtype=torch.float32, device=current.device) if keep_mem else None
         mem = mem0.detach().float().clone()
         prev = (mem > thr).to(current.dtype)  # the spike of step -1 (resets at step 0)
         for t in range(T):  # in place, no allocation per step; snnTorch's order of operations
             dst = mems[t] if keep_mem else mem
-            if hard:
-                mem = mem.masked_fill(prev.bool(), 0.0) if keep_mem else mem.masked_fill_(prev.bool(), 0.0)
+            if hard:  # u * (1 - s): exact; float masks, as bool masks are slow on the CPU
+                mem = torch.addcmul(mem, mem, prev, value=-1.0) if keep_mem else mem.addcmul_(mem, prev, value=-1.0)
             if leak != 1.0:
                 torch.mul(mem, leak, out=dst)
                 dst.add_(current[t])
@@ -82,24 +82,33 @@ class _LIFScan(torch.autograd.Function):
         spikes, mems, mem0, dt0 = ctx.saved_tensors
         leak, thr, hard, surrogate = ctx.leak, ctx.thr, ctx.hard, ctx.surrogate
         T = spikes.shape[0]
+        # elementwise work uses float masks: 1 - s[t] (bool masks are ~10x slower on the CPU)
+        keep = (~spikes).float() if hard else None
         # a[t] = dL/ds[t] * sg[t], the direct term of every step
         if surrogate.needs_mem:
             a = grad_spk.float() * surrogate.grad(mems, thr, None)
         else:
-            a = torch.empty(grad_spk.shape, dtype=torch.float32, device=grad_spk.device)
+            # Eq. 4 with dt rebuilt from the spikes as a running factor:
+            # sg[t+1] = sg[t] * decay * (1 - s[t]) + fresh * s[t]
+            decay = surrogate.step_decay()
+            fresh = surrogate.grad(None, thr, torch.ones(1, device=spikes.device)).item()  # sg after a spike
+            step = spikes.float()                  # one conversion of the saved spikes, then float ops:
+            a = torch.mul(step, fresh)             # fresh * s
+            step.mul_(-decay).add_(decay)          # decay * (1 - s), exact for s in {0, 1}
             sg = surrogate.grad(None, thr, dt0.float())  # sg at step 0
-            decay = surrogate.step_decay()  # sg[t+1] = sg[t] * decay unless s[t]
-            fresh = surrogate.grad(None, thr, torch.ones(1, device=sg.device)).item()  # sg after a spike
-            for t in range(T):  # dt rebuilt from the spikes, as the running factor sg
-                torch.mul(grad_spk[t], sg, out=a[t])
+            nxt = torch.empty_like(sg)
+            for t in range(T):
                 if t + 1 < T:
-                    sg.mul_(decay).masked_fill_(spikes[t], fresh)
+                    torch.addcmul(a[t], sg, step[t], out=nxt)  # sg[t+1], before a[t] is overwritten
+                torch.mul(grad_spk[t], sg, out=a[t])
+                sg, nxt = nxt, sg
+            del step
         if grad_mem_T is not None:
             a[T - 1].add_(grad_mem_T)  # the returned state is u[T-1] itself
         # g[t] = a[t] + lam * (1 - s[t] if hard else 1) * g[t+1], computed into a in place
         for t in range(T - 2, -1, -1):
             if hard:
-                a[t].add_(a[t + 1].mul(leak).masked_fill_(spikes[t], 0.0))
+                a[t].addcmul_(a[t + 1], keep[t], value=leak)
             else:
                 a[t].add_(a[t + 1], alpha=leak)
         grad_mem0 = None

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
+from ..kernels.linear import linear
 from ..neurons import LIF, Surrogate, TimeDropout, make_surrogate, reset_state
 from .ann import BasicBlock, make_layer
 from .spec import Act, ArchSpec, Block
@@ -150,7 +151,10 @@ class SNN(nn.Module):
             x4 = x.flatten(0, 1)
             if isinstance(module, nn.Conv2d) and self.channels_last:
                 x4 = x4.contiguous(memory_format=torch.channels_last)
-            y = module(x4).unflatten(0, (T, B))
+            if isinstance(module, nn.Linear):  # oneDNN on the CPU (snnadv.kernels.linear)
+                y = linear(x4, module.weight, module.bias).unflatten(0, (T, B))
+            else:
+                y = module(x4).unflatten(0, (T, B))
         if module is self._first[0] and self.capture_first_layer and y.requires_grad:
             y.retain_grad()
             self.first_layer_outputs.append(y)

@@ -1,0 +1,133 @@
+"""The Triton LIF scan (snnadv.kernels.triton_scan) against the PyTorch one (scan._LIFScan).
+
+Same spikes (bit for bit), final state and gradients for every surrogate (stdb, linear,
+fast-sigmoid) x reset (soft, hard) x leak (IF, LIF), with carried state (nonzero mem0,
+finite dt0).  On the CPU the kernels run under the Triton interpreter, which must be
+switched on (TRITON_INTERPRET=1) before any kernel is defined, so that comparison runs
+in a subprocess; on a CUDA GPU the compiled kernels are compared at a larger size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The comparison itself; run in this process on CUDA, in a subprocess (interpreter) on CPU.
+# It prints one JSON line per case: {"case": ..., "errors": [...], "rate": spike rate}.
+COMPARE = textwrap.dedent('''
+    import itertools, json, sys
+    import torch
+    from snnadv.kernels.scan import _LIFScan, lif_scan
+    from snnadv.kernels.triton_scan import TritonLIFScan
+    from snnadv.neurons import FastSigmoid, LinearSurrogate, SpikeTime
+
+    SURROGATES = {"stdb": SpikeTime(alpha=0.3, beta=0.05), "linear": LinearSurrogate(0.3),
+                  "fast-sigmoid": FastSigmoid(5.0)}
+    THR = 1.0
+
+
+    def inputs(T, N, dtype, device, seed):
+        g = torch.Generator().manual_seed(seed)
+        cur = (0.6 * torch.randn(T, N, generator=g) + 0.35).to(device=device, dtype=dtype)
+        mem0 = (0.7 * torch.randn(N, generator=g)).to(device)        # some start above thr
+        dt0 = torch.randint(1, 30, (N,), generator=g).float()
+        dt0[::7] = 1000.0                                             # never fired yet
+        grad_spk = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
+        grad_mem = torch.randn(N, generator=g).to(device)
+        return cur, mem0, dt0.to(device), grad_spk, grad_mem
+
+
+    def run(fn, cur, mem0, dt0, grad_spk, grad_mem, leak, hard, surrogate):
+        cur = cur.clone().requires_grad_(True)
+        mem0 = mem0.clone().requires_grad_(True)
+        spk, mem, dt = fn(cur, mem0, dt0, leak, THR, hard, surrogate)
+        ((spk.float() * grad_spk.float()).sum() + (mem * grad_mem).sum()).backward()
+        return spk.detach(), mem.detach(), dt, cur.grad, mem0.grad
+
+
+    def compare(case, T, N, dtype, device, leak, hard, sname, seed):
+        args = inputs(T, N, dtype, device, seed)
+        ref = run(_LIFScan.apply, *args, leak, hard, SURROGATES[sname])
+        tri = run(TritonLIFScan.apply, *args, leak, hard, SURROGATES[sname])
+        errors = []
+        if tri[0].dtype != ref[0].dtype or not torch.equal(tri[0], ref[0]):
+            errors.append(f"spikes differ in {(tri[0] != ref[0]).sum().item()} places")
+        checks = [("mem", 1e-6, 1e-6), ("dt", 0.0, 0.0), ("grad current", 1e-5, 1e-6), ("grad mem0", 1e-5, 1e-6)]
+        if dtype == torch.bfloat16:  # the gradient comes back in bf16: one bf16 rounding apart at most
+            checks[2] = ("grad current", 1e-2, 1e-6)
+        for (name, rtol, atol), a, b in zip(checks, tri[1:], ref[1:]):
+            try:
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+            except AssertionError as e:
+                errors.append(f"{name}: {e}")
+        print(json.dumps({"case": case, "errors": errors, "rate": ref[0].float().mean().item()}), flush=True)
+
+
+    def main(T, N, device):
+        seed = 0
+        for sname, hard, leak in itertools.product(SURROGATES, (False, True), (1.0, 0.9)):
+            seed += 1
+            case = f"{sname} {'hard' if hard else 'soft'} leak={leak} fp32"
+            compare(case, T, N, torch.float32, device, leak, hard, sname, seed)
+        for sname in SURROGATES:  # bf16 currents (the spikes and gradients come back in bf16)
+            compare(f"{sname} soft leak=0.9 bf16", T, N, torch.bfloat16, device, 0.9, False, sname, 100)
+        compare("stdb hard leak=0.9 T=1", 1, N, torch.float32, device, 0.9, True, "stdb", 200)
+
+        # through lif_scan: a channels-last [T, B, C, H, W] tensor, backend forced
+        g = torch.Generator().manual_seed(300)
+        x = (0.6 * torch.randn(T, 2, 3, 5, 4, generator=g) + 0.35).to(device)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        mem0 = 0.5 * torch.randn(2, 3, 5, 4, generator=g).to(device)
+        dt0 = torch.full((2, 3, 5, 4), 1000.0, device=device)
+        out = {b: lif_scan(x, mem0, dt0, 0.9, THR, False, SpikeTime(), backend=b) for b in ("torch", "triton")}
+        errors = [f"lif_scan output {i} differs" for i in range(3)
+                  if not torch.equal(out["torch"][i], out["triton"][i])]
+        print(json.dumps({"case": "lif_scan channels-last", "errors": errors,
+                          "rate": out["torch"][0].mean().item()}), flush=True)
+
+
+    if __name__ == "__main__":
+        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+''')
+
+
+def _check(lines: list[str]) -> None:
+    results = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(results) == 12 + 3 + 1 + 1, f"expected 17 cases, got {len(results)}"
+    for r in results:  # the inputs exercise both spiking and silent neurons
+        assert 0.1 < r["rate"] < 0.6, f"{r['case']}: spike rate {r['rate']:.2f}"
+    failed = [f"{r['case']}: {'; '.join(r['errors'])}" for r in results if r["errors"]]
+    assert not failed, "Triton scan differs from _LIFScan:\n" + "\n".join(failed)
+
+
+def test_triton_scan_matches_torch_under_interpreter(tmp_path):
+    """CPU: the kernels under the Triton interpreter equal _LIFScan (T=6, N=300)."""
+    pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
+    script = tmp_path / "compare_triton_scan.py"
+    script.write_text(COMPARE)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(script), "6", "300", "cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"comparison script failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    _check(proc.stdout.splitlines())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the Triton kernel runs there; CI checks it under the interpreter")
+def test_triton_scan_matches_torch_on_cuda(capsys):
+    """GPU: the compiled kernels equal _LIFScan at T=32, N=100000."""
+    pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
+    namespace = {"__name__": "compare_triton_scan"}
+    exec(compile(COMPARE, "compare_triton_scan", "exec"), namespace)
+    namespace["main"](32, 100_000, "cuda")
+    _check(capsys.readouterr().out.splitlines())
