@@ -128,8 +128,6 @@ from . import evaluate_cmd  # noqa: E402,F401
 @click.option("--iters", type=int, help="Timed iterations per workload (default: the preset's).")
 @click.option("--peak-tflops", type=float, help="Peak TFLOP/s for the hardware-limit column (CUDA default 989).")
 @click.option("--peak-tbps", type=float, help="Peak memory bandwidth in TB/s (default 4.8 on H200, 3.35 on H100).")
-@click.option("--precision", help="snnadv synaptic layers: fp32 (default), bf16, or fp32,bf16 (a row each); "
-              "the baseline stays fp32.")
 @click.option("--chunk-steps", type=int, help="snnadv timesteps per chunk (default automatic).")
 def bench(**kw):
     """Images/s and peak memory of ANN training, SNN-BP training, SNN inference and PGD,

@@ -792,7 +792,7 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None) -> dict:
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     model, info, ckpt = load_attack_model(cfg["target_ckpt"], None, device, cfg.get("timesteps"),
-                                          cfg.get("input_bits"))
+                                          cfg.get("input_bits"), cfg.get("precision"))
     paths = resolve_paths(model, s.paths, s.slope)
     warnings: list[str] = []
 
@@ -807,7 +807,8 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None) -> dict:
         check_compatible(info, proxy_info, ckpt, load_checkpoint(proxy_info["path"]))
     blackbox = bb_info = None
     if cfg.get("blackbox_ckpt"):
-        blackbox, bb_info, bb_ckpt = load_attack_model(cfg["blackbox_ckpt"], None, device, None, cfg.get("input_bits"))
+        blackbox, bb_info, bb_ckpt = load_attack_model(cfg["blackbox_ckpt"], None, device, None, cfg.get("input_bits"),
+                                                       cfg.get("precision"))
         check_compatible(bb_info, info, bb_ckpt, ckpt)
     if s.library and s.suite != "paper":
         try:

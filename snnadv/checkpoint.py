@@ -131,18 +131,21 @@ def _neuron_buffer(key: str) -> bool:
 def build_model(ckpt: dict, device="cpu", **overrides):
     """The model a checkpoint describes, weights loaded, in eval mode.
 
-    ``overrides`` change settings (e.g. ``num_steps=50``, ``input_bits=4``).
+    ``overrides`` change settings (e.g. ``num_steps=50``, ``input_bits=4``);
+    ``precision`` (``"fp32"`` | ``"bf16"``) is how an SNN runs, not part of the checkpoint.
     """
+    precision = overrides.pop("precision", None) or "fp32"
     spec = ArchSpec.from_dict(ckpt["spec"])
     s = {**ckpt.get("model", {}), **{k: v for k, v in overrides.items() if v is not None}}
     if ckpt["stage"] == "ann":
-        model = ANN(spec, s.get("input_bits"), s.get("input_range", "unit"))
+        model = ANN(spec, s.get("input_bits"), s.get("input_range", "unit"), precision=precision)
     else:
         sur = s.get("surrogate") or {"name": "stdb"}
         sur = make_surrogate(sur) if isinstance(sur, str) else surrogate_from_dict(sur)
         model = SNN(spec, num_steps=int(s.get("num_steps", 100)), leak=float(s.get("leak", 1.0)),
                     reset=s.get("reset", "subtract"), surrogate=sur, input_bits=s.get("input_bits"),
-                    input_range=s.get("input_range", "unit"), gain=float(s.get("gain", 1.0)))
+                    input_range=s.get("input_range", "unit"), gain=float(s.get("gain", 1.0)),
+                    precision=precision)
     load_weights(model, ckpt["state_dict"], "checkpoint")
     if ckpt["stage"] != "ann":
         model.set_thresholds(s.get("thresholds", {}))

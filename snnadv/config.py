@@ -30,6 +30,7 @@ COMMON = {
     "test_subset": None,
     "out": None,
     "quiet": False,
+    "precision": "fp32",  # SNN synaptic layers: fp32 | bf16 (autocast; membranes stay fp32)
 }
 
 #: per-stage defaults: the paper's recipe (Sec. 3.2, reference-notes.md)
@@ -94,6 +95,16 @@ ANN_SCHEDULE = {
 FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 
 
+#: settings added after runs were first keyed (reproduce stages, sweep settings): at
+#: these values they are left out of the keys, so results computed before stay valid
+LATE_DEFAULTS = {"precision": "fp32"}
+
+
+def keyed(settings: dict) -> dict:
+    """``settings`` without the :data:`LATE_DEFAULTS` that hold their default value."""
+    return {k: v for k, v in settings.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
+
+
 def _all_keys() -> set:
     return set(COMMON).union(*(set(v) for v in STAGES.values()))
 
@@ -135,10 +146,18 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     for key, value in (flags or {}).items():
         if value is not None and key != "config":
             out[key] = value
+    _check_precision(out.get("precision"), list_ok=stage == "bench")
     out["stage"] = stage
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
     return out
+
+
+def _check_precision(value, list_ok: bool) -> None:
+    names = [v.strip() for v in str(value).split(",")] if list_ok else [value]
+    if value is None or not all(n in ("fp32", "bf16") for n in names):
+        choices = "fp32, bf16 or fp32,bf16" if list_ok else "fp32 or bf16"
+        raise SnnadvError(f"unknown precision '{value}' (choose {choices})")
 
 
 def check_positive(cfg: dict, *keys: str) -> None:

@@ -158,7 +158,8 @@ def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
                                cfg["test_subset"], cfg["download"])
     T = int(cfg["timesteps"])
     snn = SNN(spec, num_steps=T, leak=1.0, reset="subtract", input_bits=ann["model"].get("input_bits"),
-              input_range=ann["model"].get("input_range", "unit"), chunk_steps=cfg.get("chunk_steps")).to(device)
+              input_range=ann["model"].get("input_range", "unit"), chunk_steps=cfg.get("chunk_steps"),
+              precision=cfg.get("precision") or "fp32").to(device)
     load_weights(snn, ann["state_dict"], f"ANN checkpoint '{cfg['checkpoint']}'")
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg["seed"])

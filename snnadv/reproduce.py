@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import read_config, resolve
+from .config import keyed, read_config, resolve
 from .errors import SnnadvError
 from .report import Reporter, write_json
 
@@ -62,7 +62,7 @@ class Context:
 
 def _key(settings: dict, upstream: list[str]) -> str:
     volatile = {"quiet", "out", "config", "resume", "stage"}
-    blob = json.dumps({k: v for k, v in sorted(settings.items()) if k not in volatile}, sort_keys=True,
+    blob = json.dumps({k: v for k, v in sorted(keyed(settings).items()) if k not in volatile}, sort_keys=True,
                       default=str) + "|" + "|".join(upstream)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

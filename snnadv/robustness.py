@@ -32,11 +32,11 @@ from .report import Reporter, atomic_write_text, write_json
 KINDS = ("ann", "snn-conv", "snn-bp")
 
 
-def load_attack_model(path, kind: str | None, device, num_steps=None, input_bits=None):
+def load_attack_model(path, kind: str | None, device, num_steps=None, input_bits=None, precision=None):
     """A model from a checkpoint, checked against the expected kind, with its hash."""
     ckpt = load_checkpoint(path, kind)
     model = build_model(ckpt, device, num_steps=num_steps if ckpt["stage"] != "ann" else None,
-                        input_bits=input_bits)
+                        input_bits=input_bits, precision=precision)
     return model, {"path": str(path), "sha256": file_hash(path), "stage": ckpt["stage"],
                    "arch": ckpt["spec"]["arch"], "dataset": ckpt["dataset"],
                    "num_steps": getattr(model, "num_steps", None)}, ckpt
@@ -94,11 +94,11 @@ def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     source, src_info, src_ckpt = load_attack_model(cfg["source_ckpt"], cfg["source"], device,
-                                                   cfg["timesteps"], cfg["input_bits"])
+                                                   cfg["timesteps"], cfg["input_bits"], cfg.get("precision"))
     target_ckpt = cfg["target_ckpt"] or cfg["source_ckpt"]
     target_kind = cfg["target"] or (cfg["source"] if cfg["target_ckpt"] is None else None)
     target, tgt_info, tgt_ckpt = load_attack_model(target_ckpt, target_kind, device, cfg["timesteps"],
-                                                   cfg["input_bits"])
+                                                   cfg["input_bits"], cfg.get("precision"))
     check_compatible(src_info, tgt_info, src_ckpt, tgt_ckpt)
     whitebox = src_info["sha256"] == tgt_info["sha256"] and src_info["num_steps"] == tgt_info["num_steps"]
     test = load_split(src_info["dataset"], cfg["data_dir"], train=False, device=device,
@@ -174,7 +174,8 @@ def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
             if cfg[key] is None:
                 raise SnnadvError(f"table needs the '{key}' checkpoint (set it in [table] of the config)")
             models[key], infos[key], ckpt = load_attack_model(cfg[key], role.replace("_", "-"), device,
-                                                              steps_for[role], cfg["input_bits"])
+                                                              steps_for[role], cfg["input_bits"],
+                                                              cfg.get("precision"))
     datasets = {i["dataset"] for i in infos.values()}
     if len(datasets) != 1:
         raise SnnadvError(f"the table's checkpoints mix datasets: {sorted(datasets)}")

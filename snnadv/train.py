@@ -173,7 +173,7 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     device, train, test = _setup(cfg)
     out, metrics_path = _outputs(cfg, f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
-    model = ANN(spec, cfg["input_bits"], cfg["input_range"]).to(device)
+    model = ANN(spec, cfg["input_bits"], cfg["input_range"], precision=cfg.get("precision") or "fp32").to(device)
     if resume:
         load_weights(model, resume["state_dict"], f"--resume: '{out}'")
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -209,7 +209,7 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
     device, train, test = _setup(cfg)
     sur = make_surrogate(cfg["surrogate"], alpha=cfg["alpha"], beta=cfg["beta"], gamma=cfg["gamma"])
     model = build_model(parent, device, num_steps=cfg["timesteps"], leak=float(cfg["leak"]),
-                        surrogate={"name": sur.name, **sur.params()})
+                        surrogate={"name": sur.name, **sur.params()}, precision=cfg.get("precision"))
     model.set_thresholds({k: v * scale for k, v in model.thresholds().items()})
     model.kind = "snn-bp"
     out, metrics_path = _outputs(cfg, f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
@@ -223,7 +223,8 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
     # accuracy of the starting point (kept from the first run when resuming)
     before = (resume["metrics"].get("test_acc_before") if resume else None)
     if before is None:
-        start = build_model(parent, device, num_steps=cfg["timesteps"], leak=float(cfg["leak"]))
+        start = build_model(parent, device, num_steps=cfg["timesteps"], leak=float(cfg["leak"]),
+                            precision=cfg.get("precision"))
         start.set_thresholds({k: v * scale for k, v in start.thresholds().items()})
         before = accuracy(start, test, cfg["batch_size"], seed=cfg["seed"])["mean"]
     reporter.print(f"fine-tuning SNN-BP {arch} (T={cfg['timesteps']}, leak={cfg['leak']}, "

@@ -269,3 +269,23 @@ def test_train_convert_finetune_chain(capsys, shared_data, tmp_path):
     assert "test_acc_before" in js["metrics"]
     model = snnadv.load_model(bp)
     assert model.leak == pytest.approx(0.95) and model.num_steps == 8
+
+    # the same fine-tuning with bf16 synaptic layers (a run-time setting, not saved in the model)
+    bp16 = tmp_path / "bp16.pt"
+    rc, out, err = _run(capsys, "finetune", *common, "--checkpoint", conv, "--leak", "0.95", "--timesteps", "8",
+                        "--train-subset", "256", "--test-subset", "100", "--quiet", "--precision", "bf16",
+                        "--out", bp16)
+    assert rc == 0, err
+    js16 = _check_stage_outputs(bp16, "snn-bp", parent=conv)
+    assert js16["config"]["precision"] == "bf16" and 0.0 <= js16["metrics"]["test_acc"] <= 100.0
+    assert snnadv.load_model(bp16).precision == "fp32"
+    assert snnadv.load_model(bp16, precision="bf16").precision == "bf16"
+
+
+@pytest.mark.parametrize("stage", ["train-ann", "finetune"])
+def test_unknown_precision_is_one_line(capsys, shared_data, tmp_path, corrupt_ckpt, stage):
+    extra = ["--arch", "tiny"] if stage == "train-ann" else ["--checkpoint", corrupt_ckpt]
+    rc, out, err = _run(capsys, stage, "--data-dir", shared_data, "--device", "cpu", "--precision", "fp16",
+                        *extra, "--out", tmp_path / "x.pt")
+    _assert_one_line_error(rc, err, "fp16")
+    assert "precision" in err

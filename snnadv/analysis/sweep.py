@@ -45,7 +45,7 @@ from .. import robustness as rob
 from .. import train as train_mod
 from ..attacks import check_eps, make_attack, parse_eps
 from ..checkpoint import build_model, file_hash, load_checkpoint, save_checkpoint
-from ..config import FINETUNE_STEPS, resolve, resolve_device
+from ..config import FINETUNE_STEPS, keyed, resolve, resolve_device
 from ..data import load_split, to_float
 from ..errors import CheckpointError, SnnadvError
 from ..evaluate import accuracy_on
@@ -158,6 +158,7 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
     eval_id = {"attacks": p["attacks"], "eps": p["eps"], "alpha": p["alpha"], "steps": p["steps"],
                "random_start": p["random_start"], "eval_draws": p["eval_draws"], "test_subset": cfg["test_subset"],
                "seed": cfg["seed"], "data_dir": data_dir, "dataset": conv["dataset"]}
+    eval_id = keyed({**eval_id, "precision": cfg.get("precision", "fp32")})
 
     # -- lazily loaded: the test split, the adversarial sets per bit-width ----------------
     cache: dict = {}
@@ -172,7 +173,7 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
     def adversarial(bits) -> dict:
         if ("adv", bits) not in cache:
             images, labels = test_data()
-            source = build_model(src_ckpt, device)
+            source = build_model(src_ckpt, device, precision=cfg.get("precision"))
             source.input_bits = bits
             sets = {}
             for a in p["attacks"]:
@@ -261,12 +262,12 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
         if s.model == "snn-bp":
             if state != "complete":
                 train_mod.finetune({**ft_cfg, "resume": state == "resumable"}, reporter)
-            model, info, ck = rob.load_attack_model(pt, "snn-bp", device)
+            model, info, ck = rob.load_attack_model(pt, "snn-bp", device, precision=cfg.get("precision"))
             finetune_metrics = {k: v for k, v in ck.get("metrics", {}).items()}
             models["finetuned"] = info
             models["parent"] = {"path": str(parent["path"]), "sha256": parent_sha, "input_bits": s.bits}
         else:
-            model = build_model(conv, device, num_steps=s.timesteps)
+            model = build_model(conv, device, num_steps=s.timesteps, precision=cfg.get("precision"))
             model.set_leak(s.leak)
             model.encoder.bits = s.bits
         accs = evaluate(model, s.bits, s.key)
@@ -364,7 +365,7 @@ def _parent_for_bits(conv_path: Path, conv: dict, conv_sha: str, bits, out: Path
 def _finetune_cfg(cfg: dict, conv: dict, parent: dict, s: Setting, out: Path, data_dir: str) -> dict:
     """The settings of one fine-tuning: the finetune stage's (config [finetune]) < the sweep's."""
     flags = {k: cfg.get(k) for k in ("device", "seed", "batch_size", "train_subset", "test_subset", "download",
-                                     "quiet", "epochs", "lr", "surrogate", "scale")}
+                                     "quiet", "epochs", "lr", "surrogate", "scale", "precision")}
     flags.update(data_dir=data_dir, dataset=conv["dataset"], checkpoint=str(parent["path"]),
                  timesteps=s.timesteps, leak=s.leak, out=str(out), resume=False)
     ft = resolve("finetune", cfg.get("config"), flags)
@@ -373,7 +374,7 @@ def _finetune_cfg(cfg: dict, conv: dict, parent: dict, s: Setting, out: Path, da
 
 
 def _ft_identity(ft_cfg: dict) -> dict:
-    return {k: v for k, v in ft_cfg.items() if k not in FT_IGNORED}
+    return {k: v for k, v in keyed(ft_cfg).items() if k not in FT_IGNORED}
 
 
 def _finetune_state(pt: Path, ft_cfg: dict, parent_sha: str) -> str:

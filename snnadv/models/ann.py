@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..encoding import check_bits, normalize, quantize
+from ..errors import SnnadvError
 from .spec import Act, ArchSpec, AvgPool, Block, Conv, Dropout, Flatten, Linear
 
 
@@ -59,9 +60,13 @@ class ANN(nn.Module):
 
     kind = "ann"
 
-    def __init__(self, spec: ArchSpec, input_bits: int | None = None, input_range: str = "unit"):
+    def __init__(self, spec: ArchSpec, input_bits: int | None = None, input_range: str = "unit",
+                 precision: str = "fp32"):
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise SnnadvError(f"unknown precision '{precision}' (choose fp32, bf16)")
         self.spec = spec
+        self.precision = precision  # bf16: autocast of convolutions and linear layers; logits in fp32
         self.input_bits = check_bits(input_bits)
         self.input_range = input_range
         for layer in spec.layers:
@@ -76,6 +81,7 @@ class ANN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(quantize(x, self.input_bits), self.input_range)
-        for layer in self.spec.layers:
-            x = getattr(self, layer.name)(x)
-        return x
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            for layer in self.spec.layers:
+                x = getattr(self, layer.name)(x)
+        return x.float()
