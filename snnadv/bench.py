@@ -625,7 +625,7 @@ def goals(device: torch.device, arch: str, rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["impl"] == "snnadv" and r["workload"] in ("snn_train", "snn_infer"):
             for g in _goals_of(device, arch, r):
-                g["goal"] += f" [{r.get('precision', 'fp32')}]"
+                g["goal"] += f" ({r.get('precision', 'fp32')})"
                 out.append(g)
     return out
 

@@ -11,12 +11,17 @@ page-faults its memory in again: on the development VM, allocating and filling a
 peak memory until it exits.  Measured, VGG5 SNN-BP training step at T=32, batch 16,
 2 cores: 17.4 -> 19.4 img/s (fp32), see the issue notes.  Nothing changes on other
 C libraries or operating systems.
+
+Applied by the command line at start-up and by :meth:`snnadv.models.SNN.chunk_for` the
+first time an SNN runs on a CPU (its large chunks assume it); set
+``SNNADV_KEEP_FREED_MEMORY=0`` to leave glibc's defaults alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # glibc's mallopt parameters (malloc.h)
@@ -35,7 +40,7 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if not sys.platform.startswith("linux"):
+    if os.environ.get("SNNADV_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

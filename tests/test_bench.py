@@ -117,6 +117,6 @@ def test_run_bench_snnadv_options():
     base = r["rows"][2]["images_per_s"]
     assert r["speedups"] == {"snn_train": r["rows"][0]["images_per_s"] / base,
                              "snn_train:bf16": r["rows"][1]["images_per_s"] / base}
-    assert [g["goal"][-6:] for g in r["goals"]] == ["[fp32]", "[bf16]"]
+    assert [g["goal"][-6:] for g in r["goals"]] == ["(fp32)", "(bf16)"]
     with pytest.raises(SnnadvError, match="fp16"):
         run_bench({"preset": "tiny", "device": "cpu", "precision": "fp16"})

@@ -94,6 +94,37 @@ COMPARE = textwrap.dedent('''
         print(json.dumps({"case": "lif_scan channels-last", "errors": errors,
                           "rate": out["torch"][0].mean().item()}), flush=True)
 
+        # a whole SNN training step (tiny model, T=4): every neuron through the chosen
+        # backend (SNNADV_SCAN); same logits and weight gradients
+        import os
+        from snnadv.models import SNN, get_spec
+        torch.manual_seed(0)
+        base = SNN(get_spec("tiny", 10), num_steps=4, leak=0.95).to(device)
+        base.set_thresholds({k: 0.25 for k in base.thresholds()})
+        x = torch.rand(3, 3, 32, 32, device=device)
+        res = {}
+        for b in ("torch", "triton"):
+            os.environ["SNNADV_SCAN"] = b
+            model = SNN(get_spec("tiny", 10), num_steps=4, leak=0.95).to(device)
+            model.load_state_dict(base.state_dict())
+            model.set_thresholds(base.thresholds())
+            counts = []
+            for n in model.neurons:
+                n.spike_hook = lambda spk: counts.append((spk.sum().item(), spk.numel()))
+            torch.manual_seed(1)  # the same encoder spikes
+            logits = model(x)
+            rate = sum(c for c, _ in counts) / sum(n for _, n in counts)
+            logits.square().sum().backward()
+            res[b] = (logits.detach(), [p.grad for p in model.parameters()])
+        del os.environ["SNNADV_SCAN"]
+        errors = [] if torch.equal(res["torch"][0], res["triton"][0]) else ["logits differ"]
+        for a, b in zip(res["torch"][1], res["triton"][1]):
+            try:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            except AssertionError as e:
+                errors.append(f"weight gradient: {e}")
+        print(json.dumps({"case": "SNN step (tiny, T=4)", "errors": errors, "rate": rate}), flush=True)
+
 
     if __name__ == "__main__":
         main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
@@ -102,7 +133,7 @@ COMPARE = textwrap.dedent('''
 
 def _check(lines: list[str]) -> None:
     results = [json.loads(line) for line in lines if line.startswith("{")]
-    assert len(results) == 12 + 3 + 1 + 1, f"expected 17 cases, got {len(results)}"
+    assert len(results) == 12 + 3 + 1 + 1 + 1, f"expected 18 cases, got {len(results)}"
     for r in results:  # the inputs exercise both spiking and silent neurons
         assert 0.1 < r["rate"] < 0.6, f"{r['case']}: spike rate {r['rate']:.2f}"
     failed = [f"{r['case']}: {'; '.join(r['errors'])}" for r in results if r["errors"]]

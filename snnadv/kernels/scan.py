@@ -41,9 +41,13 @@ included, see :func:`rows`); outputs come back in the input's layout.
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
+
+from ..errors import SnnadvError
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 class _LIFScan(torch.autograd.Function):
@@ -151,7 +155,7 @@ def _frame_rows(x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
 
 
 def lif_scan(current: torch.Tensor, mem0: torch.Tensor, dt0: torch.Tensor, leak: float, thr: float,
-             hard: bool, surrogate, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             hard: bool, surrogate, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the LIF recurrence over the first axis of ``current``.
 
     Args:
@@ -160,12 +164,16 @@ def lif_scan(current: torch.Tensor, mem0: torch.Tensor, dt0: torch.Tensor, leak:
         leak, thr, hard: lambda, threshold, and whether the reset is to zero.
         surrogate: a :class:`snnadv.neurons.Surrogate` (used in backward only).
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch),
-            ``"torch"`` or ``"triton"``.
+            ``"torch"`` or ``"triton"``; None: the environment variable
+            ``SNNADV_SCAN`` if set, else ``"auto"``.
 
     Returns:
         ``(spikes [T, ...] in current's dtype and layout, mem after step T, dt after
         step T)``.
     """
+    backend = backend or os.environ.get("SNNADV_SCAN", "auto")
+    if backend not in BACKENDS:
+        raise SnnadvError(f"unknown scan backend '{backend}' (choose {', '.join(BACKENDS)}; SNNADV_SCAN)")
     cur2, perm = rows(current)
     mem2, dt2 = _frame_rows(mem0, perm), _frame_rows(dt0, perm)
     fn = _LIFScan.apply

@@ -33,6 +33,7 @@ from torch import nn
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
 from ..kernels.linear import linear
+from ..runtime import keep_freed_memory
 from ..neurons import LIF, Surrogate, TimeDropout, make_surrogate, reset_state
 from .ann import BasicBlock, make_layer
 from .spec import Act, ArchSpec, Block
@@ -166,24 +167,32 @@ class SNN(nn.Module):
     #: 448 GFLOP/s in fp32 and 600 -> 844 in bf16.  (cuDNN also prefers NHWC for bf16.)
     channels_last = True
 
-    #: values of the widest layer held at once when chunking automatically: on a GPU
-    #: 2^28 (1 GiB fp32); on a CPU, chunks that stay in cache-sized, reused buffers:
-    #: 2^22 without autograd, 2^23 with it.  Measured on the 2-core CPU, VGG5, batch 16
-    #: (chunk = 2^budget / (16 x 65,536)): inference T=256: 6.07 img/s at 4 steps per
-    #: chunk, 5.78 at 8, 4.54 at 32; training T=32: 17.5 img/s at 4, 18.0 at 8, 14.7
-    #: at 16 (bf16: 25.7, 30.3, 24.9).
-    chunk_budget = {"cuda": 2 ** 28, "cpu": 2 ** 22, "cpu-grad": 2 ** 23}
+    #: values of the widest layer held at once when chunking automatically (without
+    #: autograd; with it, see :meth:`chunk_for`): on a GPU 2^28 (1 GiB fp32), on a CPU
+    #: 2^25.  Measured on the 2-core CPU, VGG5 at batch 16, with freed memory kept by
+    #: glibc (:mod:`snnadv.runtime`): inference at T=256, 8.2 / 9.2 / 9.9 / 10.1 / 9.9
+    #: img/s at 4 / 8 / 16 / 32 / 64 steps per chunk (2^25 gives 32).  (Without that
+    #: setting every fresh large tensor page-faults and small chunks won: 6.1 img/s at 4.)
+    chunk_budget = {"cuda": 2 ** 28, "cpu": 2 ** 25}
+    #: with autograd (training, attacks) BPTT keeps every step's saved tensors anyway, so
+    #: chunks only bound the transient buffers: CPU budget 2^28, and all T on a GPU.
+    #: Measured, CPU training step at batch 16: T=32: 0.62 s in chunks of 8, 0.60 s
+    #: whole (bf16: 0.46 / 0.41 s); T=100: 2.30 / 2.08 / 1.96 s at 25 / 50 / 100.
+    grad_chunk_budget = 2 ** 28
 
     def chunk_for(self, batch: int, num_steps: int, device_type: str = "cpu") -> int:
-        """Timesteps per chunk: ``chunk_steps`` if set; else as many as fit
-        ``chunk_budget`` (on a GPU, all T while autograd is on: BPTT keeps every step
-        anyway and one chunk is fastest there)."""
+        """Timesteps per chunk: ``chunk_steps`` if set; else as many as fit the budget
+        (on a GPU, all T while autograd is on: one chunk is fastest there)."""
         if self.chunk_steps:
             return self.chunk_steps
-        if device_type == "cuda" and torch.is_grad_enabled():
-            return num_steps
-        key = f"{device_type}-grad" if torch.is_grad_enabled() else device_type
-        budget = self.chunk_budget.get(key, self.chunk_budget.get(device_type, self.chunk_budget["cpu"]))
+        if torch.is_grad_enabled():
+            if device_type == "cuda":
+                return num_steps
+            budget = self.grad_chunk_budget
+        else:
+            budget = self.chunk_budget.get(device_type, self.chunk_budget["cpu"])
+        if device_type == "cpu":
+            keep_freed_memory()  # large chunks are only fast when freed memory is reused
         return max(1, min(num_steps, budget // (batch * self.spec.widest_activation())))
 
     def _run(self, x: torch.Tensor | None, num_steps: int, record_at: list[int],
