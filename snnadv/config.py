@@ -51,7 +51,7 @@ STAGES = {
     "attack": {
         "source": "ann", "target": None, "source_ckpt": None, "target_ckpt": None, "attack": "pgd",
         "eps": "8/255", "alpha": "2/255", "steps": 7, "random_start": False, "timesteps": None,
-        "gradient": None, "input_bits": None, "eval_draws": 1, "targeted": False, "test_subset": 1000,
+        "gradient": None, "eot": 1, "input_bits": None, "eval_draws": 1, "targeted": False, "test_subset": 1000,
     },
     "table": {
         "ann": None, "snn_conv": None, "snn_bp": None, "ann_ii": None, "snn_conv_ii": None,

@@ -91,6 +91,11 @@ def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
         reporter.print(f"[yellow]warning:[/] {w}")
     if cfg["source"] == "ann" and cfg["gradient"] is not None:
         raise SnnadvError("--gradient applies to SNN sources only; an ANN source uses autograd")
+    eot = cfg.get("eot", 1)
+    if not isinstance(eot, int) or isinstance(eot, bool) or eot < 1:
+        raise SnnadvError(f"--eot must be a positive integer, got {eot}")
+    if cfg["source"] == "ann" and eot > 1:
+        raise SnnadvError("--eot applies to SNN sources only (an ANN's gradient has no randomness to average)")
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     source, src_info, src_ckpt = load_attack_model(cfg["source_ckpt"], cfg["source"], device,
@@ -104,7 +109,7 @@ def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
     test = load_split(src_info["dataset"], cfg["data_dir"], train=False, device=device,
                       subset=cfg["test_subset"], download=cfg["download"])
     images, labels = to_float(test.images), test.labels
-    gradient = make_gradient(source, cfg["gradient"]) if is_snn(source) else make_gradient(source)
+    gradient = make_gradient(source, cfg["gradient"], eot) if is_snn(source) else make_gradient(source)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
     attack = make_attack(cfg["attack"], source, settings["eps"], settings["alpha"], settings["steps"],
                          settings["random_start"], gradient, bool(cfg["targeted"]), gen)

@@ -199,11 +199,20 @@ def test_cli_attack_json_and_errors(tiny_models, shared_data, tmp_path, capsys):
     assert r["mode"] == "blackbox" and r["gradient"] == "autograd"
     assert r["eps"] == pytest.approx(8 / 255) and r["max_linf"] <= 8 / 255 + 1e-6
     assert len(r["adv_acc"]["draws"]) == 2 and r["source"]["sha256"] and r["target"]["sha256"]
+    # an SNN source with EOT: the gradient averages 2 encoder draws and says so
+    eot_out = tmp_path / "eot.json"
+    assert main(["attack", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--test-subset", "10",
+                 "--source", "snn-bp", "--source-ckpt", str(tiny_models["snn_bp"]), "--attack", "fgsm",
+                 "--eot", "2", "--out", str(eot_out)]) == 0
+    r = json.loads(eot_out.read_text())
+    assert r["gradient"] == "alg1+eot2" and r["mode"] == "whitebox"
     capsys.readouterr()
     bad = [
         args[:-2] + ["--eps", "2"],                                   # eps outside [0, 1]
         args[:-2] + ["--steps", "0", "--attack", "pgd"],               # steps < 1
         args + ["--gradient", "alg1"],                                  # gradient for an ANN source
+        args + ["--eot", "4"],                                          # EOT for an ANN source
+        args + ["--eot", "0"],                                          # EOT < 1
         [a if a != "snn-bp" else "ann" for a in args],                  # target kind mismatch
     ]
     for b in bad:
