@@ -444,3 +444,19 @@ def test_config_table_and_help(tmp_path, capsys):
         text = capsys.readouterr().out
         assert "--config" in text and "--out" in text
     assert main(["report", "--help"]) == 0
+
+
+def test_leak_sweep_default_timesteps_follow_the_config(chain, tmp_path):
+    """Without --timesteps the leak sweep fine-tunes at the config's [finetune] T (not
+    the paper's T for the architecture, which is far too slow for a CPU config)."""
+    from snnadv.analysis.sweep import default_timesteps
+    from snnadv.checkpoint import load_checkpoint
+    from snnadv.config import FINETUNE_STEPS
+
+    conv = load_checkpoint(chain["conv"])
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[finetune]\ntimesteps = 12\n")
+    assert default_timesteps("leak", "snn-bp", conv, str(cfg)) == [12]
+    assert default_timesteps("leak", "snn-bp", conv, None) == [FINETUNE_STEPS["tiny"]]
+    assert default_timesteps("leak", "snn-conv", conv, str(cfg)) == [int(conv["model"]["num_steps"])]
+    assert default_timesteps("timesteps", "snn-bp", conv, str(cfg)) == [50, 75, 100, 150]

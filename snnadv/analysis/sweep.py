@@ -145,11 +145,7 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
 
     arch = conv["spec"]["arch"]
     if p["timesteps"] is None:
-        if name == "timesteps":
-            p["timesteps"] = [50, 75, 100, 150] if p["model"] == "snn-bp" else [300, 500, 1000, 2000]
-        else:
-            p["timesteps"] = ([FINETUNE_STEPS.get(arch, 100)] if p["model"] == "snn-bp"
-                              else [int(conv["model"].get("num_steps", 100))])
+        p["timesteps"] = default_timesteps(name, p["model"], conv, cfg.get("config"))
     grid = [Setting(p["model"], b, T, lam) for b in p["bits"] for lam in p["leaks"] for T in p["timesteps"]]
     out = run_dir(cfg, name)
     sdir = out / "settings"
@@ -360,6 +356,18 @@ def _parent_for_bits(conv_path: Path, conv: dict, conv_sha: str, bits, out: Path
                           "by": "snnadv analyze (input quantisation for fine-tuning)"}
     save_checkpoint(path, derived)
     return {"path": path}
+
+
+def default_timesteps(name: str, model: str, conv: dict, config=None) -> list[int]:
+    """T of a sweep when none is given: Fig. 2's grid for the timesteps sweep; for the
+    leak sweep the T its models are fine-tuned at (the config's ``[finetune] timesteps``,
+    else the paper's for the architecture) or, for SNN-conv, the checkpoint's T."""
+    if name == "timesteps":
+        return [50, 75, 100, 150] if model == "snn-bp" else [300, 500, 1000, 2000]
+    if model == "snn-bp":
+        configured = resolve("finetune", config).get("timesteps") if config else None
+        return [int(configured or FINETUNE_STEPS.get(conv["spec"]["arch"], 100))]
+    return [int(conv["model"].get("num_steps", 100))]
 
 
 def _finetune_cfg(cfg: dict, conv: dict, parent: dict, s: Setting, out: Path, data_dir: str) -> dict:
