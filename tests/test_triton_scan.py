@@ -162,3 +162,45 @@ def test_triton_scan_matches_torch_on_cuda(capsys):
     exec(compile(COMPARE, "compare_triton_scan", "exec"), namespace)
     namespace["main"](32, 100_000, "cuda")
     _check(capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_failing_kernel_falls_back_to_the_pytorch_scan(monkeypatch, where):
+    """The kernels have not run on a GPU yet: a compile or launch failure must not stop a
+    run. It warns once and the PyTorch scan computes the same result."""
+    pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
+    from snnadv.kernels import triton_scan
+    from snnadv.kernels.scan import _LIFScan
+    from snnadv.neurons import SpikeTime
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(triton_scan, "_interpreting", lambda: True)  # accept CPU tensors
+    monkeypatch.setattr(triton_scan, "broken", None)
+    monkeypatch.setattr(triton_scan, "_launch_" + where, fail)
+    if where == "backward":  # a forward that "ran" on the kernel: the PyTorch one fills its outputs
+        def forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem):
+            out, m, d = _LIFScan.apply(current, mem0, dt0, leak, thr, hard, SpikeTime())
+            spikes.copy_(out), bits.copy_(out.to(torch.uint8)), memT.copy_(m), dtT.copy_(d)
+        monkeypatch.setattr(triton_scan, "_launch_forward", forward)
+    torch.manual_seed(0)
+    cur, mem0, dt0 = torch.randn(5, 40) * 0.6 + 0.4, torch.zeros(40), torch.full((40,), 1000.0)
+    results = []
+    for triton_first, fn in ((True, triton_scan.TritonLIFScan.apply), (False, _LIFScan.apply)):
+        c = cur.clone().requires_grad_(True)
+        with pytest.warns(RuntimeWarning, match="simulated") if triton_first else _no_warning():
+            spk, mem, dt = fn(c, mem0, dt0, 0.9, 1.0, False, SpikeTime(beta=0.05))
+            spk.sum().backward()
+        results.append((spk.detach(), mem.detach(), dt, c.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert triton_scan.broken and "simulated" in triton_scan.broken and not triton_scan.available()
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -51,6 +51,7 @@ present.  :func:`snnadv.kernels.scan.lif_scan` dispatches here on CUDA.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -74,10 +75,27 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: why the kernels were switched off in this process (None: they work or were not tried)
+broken: str | None = None
+
+
 def available() -> bool:
     """True when the Triton scan can run: Triton imports and a CUDA GPU is present, or
-    the Triton interpreter is on (``TRITON_INTERPRET=1``, CPU tensors; for tests)."""
-    return triton is not None and (torch.cuda.is_available() or _interpreting())
+    the Triton interpreter is on (``TRITON_INTERPRET=1``, CPU tensors; for tests), and
+    no launch has failed in this process (see :func:`_give_up`)."""
+    return triton is not None and broken is None and (torch.cuda.is_available() or _interpreting())
+
+
+def _give_up(where: str, error: Exception) -> None:
+    """A kernel failed to compile or launch: warn once, use the PyTorch scan from now on.
+
+    The results do not change (the two compute the same function); only speed does.
+    """
+    global broken
+    if broken is None:
+        broken = f"{where}: {type(error).__name__}: {error}"
+        warnings.warn(f"the Triton LIF scan failed ({broken}); using the PyTorch scan instead "
+                      f"(set SNNADV_SCAN=torch to skip Triton)", RuntimeWarning, stacklevel=3)
 
 
 def _surrogate_code(surrogate) -> tuple[int, float, float] | None:
@@ -221,6 +239,22 @@ class _Null:
         return False
 
 
+def _launch_forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem):
+    with _device_guard(current):
+        _lif_fwd_kernel[_grid(N)](current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr,
+                                  HARD=hard, KEEP_MEM=keep_mem, BLOCK=BLOCK,
+                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def _launch_backward(grad_spk, gmemT, bits, mems, mem0, dt0, work, gcur, gmem0, T, N, leak, thr, p0, p1,
+                     kind, hard, has_gmemT, need_gmem0):
+    with _device_guard(grad_spk):
+        _lif_bwd_kernel[_grid(N)](grad_spk, gmemT, bits, mems, mem0, dt0, work, gcur, gmem0,
+                                  T, N, (T - 1) * N, leak, thr, p0, p1,
+                                  SURROGATE=kind, HARD=hard, HAS_GMEM_T=has_gmemT, NEED_GMEM0=need_gmem0,
+                                  BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
 class TritonLIFScan(torch.autograd.Function):
     """Same contract as :class:`snnadv.kernels.scan._LIFScan`: ``apply(current [T, N],
     mem0 [N], dt0 [N], leak, thr, hard, surrogate)`` -> ``(spikes [T, N] in current's
@@ -253,17 +287,19 @@ class TritonLIFScan(torch.autograd.Function):
         dtT = torch.empty_like(dt0c)
         mems = torch.empty((T, N), dtype=torch.float32, device=current.device) if keep_mem else None
         if N > 0 and T > 0:
-            with _device_guard(current):
-                _lif_fwd_kernel[_grid(N)](
-                    current, mem0c, dt0c, spikes, bits, mems if keep_mem else memT, memT, dtT,
-                    T, N, float(leak), float(thr),
-                    HARD=bool(hard), KEEP_MEM=keep_mem, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS, enable_fp_fusion=False)
+            try:
+                _launch_forward(current, mem0c, dt0c, spikes, bits, mems if keep_mem else memT, memT, dtT,
+                                T, N, float(leak), float(thr), bool(hard), keep_mem)
+            except Exception as e:  # noqa: BLE001 - any compile/launch failure: same math in PyTorch
+                _give_up("forward", e)
+                ctx.fallback = True
+                return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate)
         else:  # nothing to scan: the state passes through
             memT.copy_(mem0c)
             dtT.copy_(dt0c + T)
         ctx.save_for_backward(bits.view(torch.bool), mems if keep_mem else torch.empty(0), mem0c, dt0c)
         ctx.leak, ctx.thr, ctx.hard, ctx.code = float(leak), float(thr), bool(hard), code
+        ctx.surrogate = surrogate  # for the PyTorch backward, should the kernel fail
         ctx.mark_non_differentiable(dtT)
         return spikes, memT, dtT
 
@@ -288,13 +324,13 @@ class TritonLIFScan(torch.autograd.Function):
         has_gmemT = grad_mem_T is not None
         gmemT = grad_mem_T.float().contiguous() if has_gmemT else mem0
         if N > 0 and T > 0:
-            with _device_guard(grad_spk):
-                _lif_bwd_kernel[_grid(N)](
-                    grad_spk, gmemT, spikes.view(torch.uint8), mems if mems.numel() else mem0, mem0, dt0,
-                    work, gcur, gmem0 if need_gmem0 else mem0,
-                    T, N, (T - 1) * N, ctx.leak, ctx.thr, float(p0), float(p1),
-                    SURROGATE=kind, HARD=ctx.hard, HAS_GMEM_T=has_gmemT, NEED_GMEM0=need_gmem0,
-                    BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            try:
+                _launch_backward(grad_spk, gmemT, spikes.view(torch.uint8), mems if mems.numel() else mem0,
+                                 mem0, dt0, work, gcur, gmem0 if need_gmem0 else mem0, T, N, ctx.leak, ctx.thr,
+                                 float(p0), float(p1), kind, ctx.hard, has_gmemT, need_gmem0)
+            except Exception as e:  # noqa: BLE001 - the saved tensors are what _LIFScan saves
+                _give_up("backward", e)
+                return _LIFScan.backward(ctx, grad_spk, grad_mem_T, grad_dt)
         elif need_gmem0:  # T == 0: u[-1] is the returned membrane
             gmem0 = gmemT.clone() if has_gmemT else torch.zeros_like(mem0)
         return gcur, gmem0, None, None, None, None, None
