@@ -31,8 +31,12 @@ Backward (BPTT; the reset term carries no gradient):
 
 (u[t+1] depends on u[t] through lam * (1 - s[t]) for a hard reset.)  sg[t] is the
 surrogate ds/du at step t; for Eq. 4, sg[t] = alpha * exp(-beta * dt[t]) is carried
-as a running factor (times exp(-beta) per step, alpha after a spike) instead of
-recomputing the exponential.
+as a running factor (times exp(-beta) per silent step, alpha * exp(-beta) after a
+spike, where dt = 1) instead of recomputing the exponential.
+
+Which implementation runs: :func:`lif_scan`'s ``backend``, else the environment
+variable ``SNNADV_SCAN`` (``auto`` | ``torch`` | ``triton``), else ``auto``: Triton for
+CUDA tensors when it imports, PyTorch otherwise.
 
 Layout.  The scan is elementwise over neurons, so it runs on a ``[T, N]`` view of
 the currents whatever their memory format (channels-last convolution outputs

@@ -33,8 +33,8 @@ from torch import nn
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
 from ..kernels.linear import linear
-from ..runtime import keep_freed_memory
 from ..neurons import LIF, Surrogate, TimeDropout, make_surrogate, reset_state
+from ..runtime import keep_freed_memory
 from .ann import BasicBlock, make_layer
 from .spec import Act, ArchSpec, Block
 
