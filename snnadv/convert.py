@@ -199,13 +199,13 @@ def accuracy_curve(snn: SNN, split, steps: list[int], batch_size: int, seed: int
     gen = torch.Generator(device=split.images.device)
     gen.manual_seed(seed)
     snn.encoder.generator = gen
-    correct = torch.zeros(len(steps))
+    correct = torch.zeros(len(steps), device=split.images.device)  # no host sync per batch
     try:
         with reporter.progress(f"evaluating SNN-conv up to T={steps[-1]}", len(split)) as advance:
             for x, y in batches(split, batch_size, shuffle=False):
                 logits = snn.forward_curve(x, steps)
-                correct += (logits.argmax(-1) == y).sum(-1).float().cpu()
+                correct += (logits.argmax(-1) == y).sum(-1).float()
                 advance(len(y))
     finally:
         snn.encoder.generator = None
-    return {t: 100.0 * float(c) / len(split) for t, c in zip(steps, correct)}
+    return {t: 100.0 * c / len(split) for t, c in zip(steps, correct.tolist())}

@@ -49,14 +49,14 @@ def accuracy_on(model, images: torch.Tensor, labels: torch.Tensor, batch_size: i
         for s in _draw_seeds(seed, draws if snn else 1):
             if snn:
                 model.encoder.generator = torch.Generator(device=images.device).manual_seed(s)
-            correct = 0
+            correct = torch.zeros((), dtype=torch.int64, device=images.device)  # no host sync per batch
             for i in range(0, len(images), batch_size):
                 x, y = images[i:i + batch_size], labels[i:i + batch_size]
                 out = model(x, num_steps) if snn else model(x)
-                correct += (out.argmax(1) == y).sum().item()
+                correct += (out.argmax(1) == y).sum()
                 if advance:
                     advance(len(y))
-            results.append(100.0 * correct / len(images))
+            results.append(100.0 * int(correct) / len(images))
     finally:
         if snn:
             model.encoder.generator = None

@@ -58,6 +58,10 @@ def _plain(obj):
     return obj
 
 
+#: batches between reads of the running loss, per device type (see :func:`fit`)
+SYNC_EVERY = {"cpu": 1, "cuda": 20}
+
+
 def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: int, seed: int,
         checkpoint_fn, resume: dict | None = None, reporter: Reporter | None = None,
         eval_batch_size: int = 256) -> list[dict]:
@@ -65,6 +69,12 @@ def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: in
 
     ``checkpoint_fn(train_state)`` is called after every epoch with the state to
     resume from; ``resume`` is such a state (from an interrupted run).
+
+    The loss and accuracy are summed on the device and read back every
+    :data:`SYNC_EVERY` batches on a GPU (every batch on a CPU, where reading is free),
+    so the host does not wait for the GPU after each step.  A non-finite loss stops
+    training at that read, before the epoch's checkpoint: the last completed epoch's
+    checkpoint stays as it was.
     """
     reporter = reporter or Reporter(quiet=True)
     device = train.images.device
@@ -80,24 +90,33 @@ def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: in
         history, start = list(resume["history"]), int(resume["epoch"])
         reporter.print(f"resuming after epoch {start} of {epochs}")
     steps_per_epoch = math.ceil(len(train) / batch_size)
+    sync_every = SYNC_EVERY.get(device.type, 20)
     for epoch in range(start, epochs):
         model.train()
-        t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        t0, seen = time.perf_counter(), 0
+        loss_dev = torch.zeros((), device=device)                     # summed on the device,
+        correct_dev = torch.zeros((), dtype=torch.int64, device=device)  # read back every sync_every
+        checked = 0  # batches whose loss has been read back
         with reporter.progress(f"epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
             for i, (x, y) in enumerate(batches(train, batch_size, shuffle=True, generator=gen, train_augment=True)):
                 out = model(x)
                 loss = F.cross_entropy(out, y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
-                                        f"stopped (lower the learning rate); the last completed epoch's "
-                                        f"checkpoint is kept")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.item() * len(y)
-                correct += (out.argmax(1) == y).sum().item()
+                loss_dev += loss.detach() * len(y)
+                correct_dev += (out.argmax(1) == y).sum()
                 seen += len(y)
-                advance(1, f"loss {loss_sum / seen:.3f}")
+                if (i + 1) % sync_every == 0 or i + 1 == steps_per_epoch:
+                    loss_sum = float(loss_dev)
+                    if not math.isfinite(loss_sum):
+                        where = f"batch {i + 1}" if i == checked else f"batches {checked + 1}-{i + 1}"
+                        raise TrainingError(f"loss became {loss_sum} (not finite) at epoch {epoch + 1}, {where}; "
+                                            f"stopped (lower the learning rate); the last completed epoch's "
+                                            f"checkpoint is kept")
+                    advance(i + 1 - checked, f"loss {loss_sum / seen:.3f}")
+                    checked = i + 1
+        loss_sum, correct = float(loss_dev), int(correct_dev)
         train_time = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -259,3 +259,26 @@ def test_short_run_trains_its_first_epoch_at_the_given_lr(shared_data, tmp_path)
     r = train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", arch="vgg5", epochs=1, train_subset=64,
                             test_subset=10))
     assert r["metrics"]["history"][0]["lr"] == pytest.approx(0.05)
+
+
+def test_deferred_loss_reads_change_nothing_and_still_stop_on_nan(shared_data, tmp_path, monkeypatch):
+    """On a GPU the loss is read back every few batches (no host sync per step): the
+    history is the same as reading every batch, and a NaN still stops training before
+    the epoch's checkpoint, naming the batches it happened in."""
+    import snnadv.train
+
+    every = tmp_path / "every.pt"
+    train_ann(_tiny_cfg(shared_data, every))
+    monkeypatch.setattr(snnadv.train, "SYNC_EVERY", {"cpu": 3, "cuda": 3})
+    deferred = tmp_path / "deferred.pt"
+    train_ann(_tiny_cfg(shared_data, deferred))
+    h1 = json.loads(every.with_suffix(".json").read_text())["metrics"]["history"]
+    h2 = json.loads(deferred.with_suffix(".json").read_text())["metrics"]["history"]
+    for a, b in zip(h1, h2):
+        assert (a["loss"], a["train_acc"], a["test_acc"]) == (b["loss"], b["train_acc"], b["test_acc"])
+    before = file_hash(deferred)
+    with pytest.raises(TrainingError) as e:
+        train_ann(_tiny_cfg(shared_data, deferred, lr=1e6))
+    msg = str(e.value)
+    assert "not finite" in msg and "batch" in msg and "\n" not in msg
+    assert file_hash(deferred) == before
