@@ -57,7 +57,7 @@ from snntorch import spikegen, surrogate
 from torch import nn
 
 from .checkpoint import load_weights
-from .config import resolve, resolve_device
+from .config import parse_precision, resolve, resolve_device
 from .errors import SnnadvError
 from .models import ANN, SNN, get_spec
 from .models.ann import BasicBlock, make_layer
@@ -679,7 +679,7 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         raise SnnadvError(f"unknown dataset '{dataset}' (choose {', '.join(DATASETS)})")
     spec = get_spec(arch, DATASETS[dataset])
     seed = int(cfg.get("seed") or 0)
-    precisions = _precisions(cfg.get("precision"))
+    precisions = parse_precision(cfg.get("precision") or "fp32", several=True)
     chunk = cfg.get("chunk_steps")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise SnnadvError(f"chunk steps must be a positive integer, got {chunk}")
@@ -752,18 +752,6 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         return result
     finally:
         torch.backends.cudnn.benchmark = cudnn_was
-
-
-def _precisions(value) -> list[str]:
-    """``"fp32"``, ``"bf16"`` or ``"fp32,bf16"`` (both, one row each) -> list."""
-    names = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value or "fp32").split(",")]
-    names = [n for n in names if n]
-    for n in names:
-        if n not in ("fp32", "bf16"):
-            raise SnnadvError(f"unknown precision '{n}' (choose fp32, bf16 or fp32,bf16)")
-    if not names:
-        raise SnnadvError("--precision selects nothing (choose fp32, bf16 or fp32,bf16)")
-    return list(dict.fromkeys(names))
 
 
 def _label(row: dict) -> str:

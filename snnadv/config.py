@@ -146,18 +146,32 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     for key, value in (flags or {}).items():
         if value is not None and key != "config":
             out[key] = value
-    _check_precision(out.get("precision"), list_ok=stage == "bench")
+    parse_precision(out.get("precision"), several=stage == "bench")
     out["stage"] = stage
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
     return out
 
 
-def _check_precision(value, list_ok: bool) -> None:
-    names = [v.strip() for v in str(value).split(",")] if list_ok else [value]
-    if value is None or not all(n in ("fp32", "bf16") for n in names):
-        choices = "fp32, bf16 or fp32,bf16" if list_ok else "fp32 or bf16"
-        raise SnnadvError(f"unknown precision '{value}' (choose {choices})")
+#: how synaptic layers run: fp32, or bf16 autocast (membranes stay fp32)
+PRECISIONS = ("fp32", "bf16")
+
+
+def parse_precision(value, several: bool = False) -> list[str]:
+    """``fp32`` | ``bf16`` as a one-item list; with ``several`` (the bench: a row each) also
+    ``"fp32,bf16"`` or a list.  Names in order, without repeats; anything else is a
+    one-line error."""
+    if several and isinstance(value, (list, tuple)):
+        names = [str(v).strip() for v in value]
+    elif several and isinstance(value, str):
+        names = [v.strip() for v in value.split(",")]
+    else:
+        names = [value]
+    for n in names:
+        if n not in PRECISIONS:
+            choices = "fp32, bf16 or fp32,bf16" if several else "fp32 or bf16"
+            raise SnnadvError(f"unknown precision '{n}' (choose {choices})")
+    return list(dict.fromkeys(names))
 
 
 def check_positive(cfg: dict, *keys: str) -> None:

@@ -279,4 +279,4 @@ def make_gradient(model: nn.Module, kind: str | None = None, eot: int = 1, *, sl
             raise SnnadvError("--gradient applies to SNN sources only; an ANN source uses autograd")
         source = Autograd(model)
         source.name = "autograd"
-    return EOT(source, eot) if eot > 1 else source
+    return EOT(source, eot) if eot != 1 else source  # EOT rejects eot < 1

@@ -96,7 +96,7 @@ def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: in
         t0, seen = time.perf_counter(), 0
         loss_dev = torch.zeros((), device=device)                     # summed on the device,
         correct_dev = torch.zeros((), dtype=torch.int64, device=device)  # read back every sync_every
-        checked = 0  # batches whose loss has been read back
+        checked, loss_sum = 0, 0.0  # batches whose loss has been read back, and that sum
         with reporter.progress(f"epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
             for i, (x, y) in enumerate(batches(train, batch_size, shuffle=True, generator=gen, train_augment=True)):
                 out = model(x)
@@ -116,7 +116,7 @@ def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: in
                                             f"checkpoint is kept")
                     advance(i + 1 - checked, f"loss {loss_sum / seen:.3f}")
                     checked = i + 1
-        loss_sum, correct = float(loss_dev), int(correct_dev)
+        correct = int(correct_dev)  # (loss_sum was read at the last batch)
         train_time = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

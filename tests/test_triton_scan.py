@@ -9,6 +9,7 @@ in a subprocess; on a CUDA GPU the compiled kernels are compared at a larger siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -189,18 +190,10 @@ def test_a_failing_kernel_falls_back_to_the_pytorch_scan(monkeypatch, where):
     results = []
     for triton_first, fn in ((True, triton_scan.TritonLIFScan.apply), (False, _LIFScan.apply)):
         c = cur.clone().requires_grad_(True)
-        with pytest.warns(RuntimeWarning, match="simulated") if triton_first else _no_warning():
+        with pytest.warns(RuntimeWarning, match="simulated") if triton_first else contextlib.nullcontext():
             spk, mem, dt = fn(c, mem0, dt0, 0.9, 1.0, False, SpikeTime(beta=0.05))
             spk.sum().backward()
         results.append((spk.detach(), mem.detach(), dt, c.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert triton_scan.broken and "simulated" in triton_scan.broken and not triton_scan.available()
-
-
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import parse_precision
 from ..encoding import check_bits, normalize, quantize
-from ..errors import SnnadvError
 from .spec import Act, ArchSpec, AvgPool, Block, Conv, Dropout, Flatten, Linear
 
 
@@ -63,8 +63,7 @@ class ANN(nn.Module):
     def __init__(self, spec: ArchSpec, input_bits: int | None = None, input_range: str = "unit",
                  precision: str = "fp32"):
         super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise SnnadvError(f"unknown precision '{precision}' (choose fp32, bf16)")
+        parse_precision(precision)
         self.spec = spec
         self.precision = precision  # bf16: autocast of convolutions and linear layers; logits in fp32
         self.input_bits = check_bits(input_bits)

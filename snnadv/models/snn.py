@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import parse_precision
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
 from ..kernels.linear import linear
@@ -39,7 +40,6 @@ from .ann import BasicBlock, make_layer
 from .spec import Act, ArchSpec, Block
 
 MODES = ("fused", "reference")
-PRECISIONS = ("fp32", "bf16")
 
 
 class SNN(nn.Module):
@@ -66,8 +66,7 @@ class SNN(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise SnnadvError(f"unknown mode '{mode}' (choose {', '.join(MODES)})")
-        if precision not in PRECISIONS:
-            raise SnnadvError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+        parse_precision(precision)
         self.spec = spec
         self.num_steps = check_steps(num_steps)
         self.mode = mode
