@@ -61,19 +61,27 @@ def normalize(x: torch.Tensor, input_range: str) -> torch.Tensor:
 def rate(x: torch.Tensor, num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``num_steps`` Bernoulli frames of rates ``x`` (in [0, 1]), via snnTorch.
 
-    Values are drawn by :func:`snntorch.spikegen.rate`.  With a ``generator``, the
-    global RNG is forked and seeded from it, so the frames depend only on the
-    generator's state (and the global RNG is left as it was).  The output has a
-    straight-through gradient w.r.t. ``x``.
+    Without a ``generator``, values are drawn by :func:`snntorch.spikegen.rate` from the
+    global RNG.  With a generator on ``x``'s GPU, they are drawn from it directly (no
+    read-back to the host).  With a CPU generator, a seed drawn from it seeds only the
+    generator of ``x``'s device, for :func:`snntorch.spikegen.rate`, inside a fork
+    that restores that generator afterwards: the frames depend only on the generator's
+    state, and no other device's RNG is touched (reading the seed is a CPU read, not
+    a device sync).  The output has a straight-through gradient w.r.t. ``x``.
     """
     p = x.detach()
     if generator is None:
         spikes = spikegen.rate(p, num_steps=num_steps)
+    elif generator.device.type == x.device.type != "cpu":
+        spikes = p.new_empty((num_steps, *p.shape)).bernoulli_(p.clamp(0.0, 1.0), generator=generator)
     else:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=x.device.type if devices else "cuda"):
-            torch.manual_seed(seed)
+        cuda = x.device.type == "cuda"
+        with torch.random.fork_rng(devices=[x.device.index or 0] if cuda else [], device_type="cuda"):
+            if cuda:
+                torch.cuda.default_generators[x.device.index or 0].manual_seed(seed)
+            else:
+                torch.random.default_generator.manual_seed(seed)
             spikes = spikegen.rate(p, num_steps=num_steps)
     if x.requires_grad:
         spikes = spikes + (x - p).unsqueeze(0)

@@ -108,25 +108,34 @@ class Algorithm1:
         self.model, self.loss = model, loss
 
     def first_layer_grad(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum over t of dJ/dX_conv1(t) [B, C1, H1, W1], logits)."""
+        """(sum over t of dJ/dX_conv1(t) [B, C1, H1, W1] in fp32, logits).
+
+        Each chunk's gradient reaches a hook on the first layer's output and is summed
+        over its frames there (:meth:`snnadv.models.SNN._layer`), so neither the output
+        nor its gradient outlives its chunk; the chunks' sums are added in time order.
+        The backward pass runs towards a zero leaf added to that output, so no weight
+        gradient is computed or accumulated."""
         m = self.model
-        m.capture_first_layer = True
+        leaf = torch.zeros((), device=images.device, requires_grad=True)
+        m.capture_first_layer = leaf
         try:
             with torch.enable_grad():
                 logits = m(images.detach())
-                self.loss(logits, labels).backward(inputs=[o for o in m.first_layer_outputs])
-                acc = sum(o.grad.sum(0) for o in m.first_layer_outputs)
+                torch.autograd.grad(self.loss(logits, labels), leaf)
+                sums = m.first_layer_grads
+                acc = sum(sums[c] for c in sorted(sums))
         finally:
-            m.capture_first_layer = False
-            m.first_layer_outputs = []
+            m.capture_first_layer = None
+            m.first_layer_grads = {}
         return acc, logits.detach()
 
     def __call__(self, images, labels):
         acc, logits = self.first_layer_grad(images, labels)
         conv = self.model.first_conv
         # Eq. 6: dJ/dX_rate = conv(dJ/dX_conv1, W rotated 180 degrees) = conv^T(dJ/dX_conv1)
+        weight = conv.weight.detach()
         grad = torch.nn.functional.conv_transpose2d(
-            acc, conv.weight.detach(), stride=conv.stride, padding=conv.padding,
+            acc.to(weight.dtype), weight, stride=conv.stride, padding=conv.padding,
             output_padding=_output_padding(images.shape[-1], acc.shape[-1], conv))
         return grad, logits
 
@@ -211,7 +220,8 @@ class RateGradient:
 
         def recorder(neuron):
             def hook(spk):
-                sums[id(neuron)] = spk.sum(0) + sums[id(neuron)] if id(neuron) in sums else spk.sum(0)
+                count = spk.sum(0, dtype=torch.float32)  # counts in fp32 (bf16 is exact only to 256)
+                sums[id(neuron)] = count + sums[id(neuron)] if id(neuron) in sums else count
             return hook
 
         for n in m.neurons:
@@ -231,7 +241,7 @@ class RateGradient:
 
         def apply(module, v):
             if isinstance(module, LIF):
-                return _RateSpike.apply(v, rates[id(module)].unsqueeze(0), float(module.threshold))
+                return _RateSpike.apply(v, rates[id(module)].unsqueeze(0), module.thr)
             if isinstance(module, BasicBlock):
                 return module(v, apply)
             return m._layer(module, v)

@@ -79,6 +79,7 @@ class SpikeTime(Surrogate):
 
     def __init__(self, alpha: float = 0.3, beta: float = 0.01):
         self.alpha, self.beta = float(alpha), float(beta)
+        self.after_spike()  # computed here, not in a backward pass
 
     def grad(self, mem, thr, dt):
         return self.alpha * torch.exp(-self.beta * dt)
@@ -87,6 +88,17 @@ class SpikeTime(Surrogate):
         """exp(-beta): the factor by which ds/du shrinks per step without a spike
         (the fused scans carry ds/du as a running product instead of dt)."""
         return math.exp(-self.beta)
+
+    def after_spike(self) -> float:
+        """ds/du one step after a spike (dt = 1), as :meth:`grad` computes it in fp32;
+        a Python float, so the fused scan reads no device value per call."""
+        if getattr(self, "_fresh", (None,))[0] != (self.alpha, self.beta):
+            value = float(self.grad(None, None, torch.ones(1)))  # once, on the CPU
+            self._fresh = ((self.alpha, self.beta), value)
+        return self._fresh[1]
+
+    def params(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta}
 
 
 class LinearSurrogate(Surrogate):
@@ -184,11 +196,27 @@ class LIF(snn.Leaky):
         self.register_buffer("dt", torch.zeros(0), persistent=False)
         self.current_hook = None  # callable(current [T, B, ...]); used by threshold balancing
         self.spike_hook = None    # callable(spikes [T, B, ...]); used to measure spike rates
+        self._scalars = {}        # buffer name -> (tensor, its version, its value as a Python float)
 
     # -- configuration -------------------------------------------------------
+    def _scalar(self, name: str) -> float:
+        """The one-element buffer ``name`` as a Python float, read from the device only
+        when the buffer was replaced or written to (``set_*``, ``load_state_dict``,
+        ``.to``): the hot path never waits for the device."""
+        t = getattr(self, name)
+        cached = self._scalars.get(name)
+        if cached is None or cached[0] is not t or cached[1] != t._version:
+            cached = self._scalars[name] = (t, t._version, float(t))
+        return cached[2]
+
     @property
     def leak(self) -> float:
-        return float(self.beta)
+        return self._scalar("beta")
+
+    @property
+    def thr(self) -> float:
+        """The threshold as a Python float (see :meth:`_scalar`)."""
+        return self._scalar("threshold")
 
     @property
     def hard_reset(self) -> bool:
@@ -196,6 +224,9 @@ class LIF(snn.Leaky):
 
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(float(value))
+
+    def set_leak(self, value: float) -> None:
+        self.beta.fill_(float(value))
 
     def reset_state(self) -> None:
         """Forget mem and dt (the next input starts from rest)."""
@@ -237,14 +268,14 @@ class LIF(snn.Leaky):
             dt0 = torch.full(frame, self.dt_init, device=current.device)
         else:
             mem0, dt0 = self.mem, self.dt
-        spk, self.mem, self.dt = lif_scan(current, mem0, dt0, self.leak, float(self.threshold),
+        spk, self.mem, self.dt = lif_scan(current, mem0, dt0, self.leak, self.thr,
                                           self.hard_reset, self.surrogate)
         if self.spike_hook is not None:
             self.spike_hook(spk.detach())
         return spk
 
     def extra_repr(self) -> str:
-        return (f"leak={self.leak}, threshold={float(self.threshold):.4g}, "
+        return (f"leak={self.leak}, threshold={self.thr:.4g}, "
                 f"reset={self._reset_mechanism}, surrogate={self.surrogate!r}")
 
 

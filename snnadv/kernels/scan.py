@@ -99,7 +99,7 @@ class _LIFScan(torch.autograd.Function):
             # Eq. 4 with dt rebuilt from the spikes as a running factor:
             # sg[t+1] = sg[t] * decay * (1 - s[t]) + fresh * s[t]
             decay = surrogate.step_decay()
-            fresh = surrogate.grad(None, thr, torch.ones(1, device=spikes.device)).item()  # sg after a spike
+            fresh = surrogate.after_spike()  # sg after a spike (a Python float: no device read)
             step = spikes.float()                  # one conversion of the saved spikes, then float ops:
             a = torch.mul(step, fresh)             # fresh * s
             step.mul_(-decay).add_(decay)          # decay * (1 - s), exact for s in {0, 1}

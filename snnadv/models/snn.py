@@ -85,8 +85,11 @@ class SNN(nn.Module):
         # the first synaptic layer (Alg. 1 differentiates w.r.t. its output); kept in a
         # tuple so that it is not registered a second time as a sub-module
         self._first = (next(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))),)
-        self.capture_first_layer = False  # Alg. 1: keep the first layer's output grads
-        self.first_layer_outputs: list[torch.Tensor] = []
+        #: Alg. 1: a 0-d leaf added to the first layer's output of every chunk (None: off);
+        #: each chunk's dJ/d(output), summed over its frames in fp32, lands in
+        #: ``first_layer_grads`` through a hook (see :class:`snnadv.gradients.Algorithm1`)
+        self.capture_first_layer: torch.Tensor | None = None
+        self.first_layer_grads: dict[int, torch.Tensor] = {}
 
     @property
     def first_conv(self) -> nn.Module:
@@ -102,7 +105,7 @@ class SNN(nn.Module):
         return [n for n, m in self.named_modules() if isinstance(m, LIF)]
 
     def thresholds(self) -> dict[str, float]:
-        return {n: float(m.threshold) for n, m in self.named_modules() if isinstance(m, LIF)}
+        return {n: m.thr for n, m in self.named_modules() if isinstance(m, LIF)}
 
     def set_thresholds(self, values: dict[str, float]) -> None:
         mods = dict(self.named_modules())
@@ -115,7 +118,7 @@ class SNN(nn.Module):
         if not 0.0 < float(leak) <= 1.0:
             raise SnnadvError(f"leak must be in (0, 1], got {leak}")
         for m in self.neurons:
-            m.beta.fill_(float(leak))
+            m.set_leak(leak)
 
     def set_surrogate(self, surrogate: Surrogate) -> None:
         for m in self.neurons:
@@ -131,7 +134,7 @@ class SNN(nn.Module):
 
     def reset_state(self) -> None:
         reset_state(self)
-        self.first_layer_outputs = []
+        self.first_layer_grads = {}
 
     # -- running -----------------------------------------------------------------
     def _layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +147,8 @@ class SNN(nn.Module):
             return module(x)
         if isinstance(module, BasicBlock):
             return module(x, self._layer)
+        if isinstance(module, nn.AvgPool2d) and x.requires_grad:  # saves no input (spikes)
+            return _AvgPool.apply(x.flatten(0, 1), module.kernel_size).unflatten(0, x.shape[:2])
         T, B = x.shape[:2]
         # synaptic layer: one call over all T*B frames; bf16 autocast if asked (spikes
         # are exact in bf16; membranes stay fp32 in the neuron scan)
@@ -155,9 +160,11 @@ class SNN(nn.Module):
                 y = linear(x4, module.weight, module.bias).unflatten(0, (T, B))
             else:
                 y = module(x4).unflatten(0, (T, B))
-        if module is self._first[0] and self.capture_first_layer and y.requires_grad:
-            y.retain_grad()
-            self.first_layer_outputs.append(y)
+        if module is self._first[0] and self.capture_first_layer is not None:
+            y = y + self.capture_first_layer  # (exact: adds zero)
+            chunk = len(self.first_layer_grads)
+            self.first_layer_grads[chunk] = None
+            y.register_hook(lambda g, _c=chunk: self.first_layer_grads.__setitem__(_c, g.sum(0, dtype=torch.float32)))
         return y
 
     #: convolutions in the fused path take channels-last (NHWC) frames, and the scans,
@@ -174,19 +181,18 @@ class SNN(nn.Module):
     #: setting every fresh large tensor page-faults and small chunks won: 6.1 img/s at 4.)
     chunk_budget = {"cuda": 2 ** 28, "cpu": 2 ** 25}
     #: with autograd (training, attacks) BPTT keeps every step's saved tensors anyway, so
-    #: chunks only bound the transient buffers: CPU budget 2^28, and all T on a GPU.
+    #: chunks only bound the transient buffers (fp32 currents, gradients of a chunk):
+    #: 2^28 values of the widest layer on every device (VGG5 at batch 64: 64 steps;
+    #: on a GPU, T=2500 in one chunk would need ~40 GiB of transients per layer).
     #: Measured, CPU training step at batch 16: T=32: 0.62 s in chunks of 8, 0.60 s
     #: whole (bf16: 0.46 / 0.41 s); T=100: 2.30 / 2.08 / 1.96 s at 25 / 50 / 100.
     grad_chunk_budget = 2 ** 28
 
     def chunk_for(self, batch: int, num_steps: int, device_type: str = "cpu") -> int:
-        """Timesteps per chunk: ``chunk_steps`` if set; else as many as fit the budget
-        (on a GPU, all T while autograd is on: one chunk is fastest there)."""
+        """Timesteps per chunk: ``chunk_steps`` if set; else as many as fit the budget."""
         if self.chunk_steps:
             return self.chunk_steps
         if torch.is_grad_enabled():
-            if device_type == "cuda":
-                return num_steps
             budget = self.grad_chunk_budget
         else:
             budget = self.chunk_budget.get(device_type, self.chunk_budget["cpu"])
@@ -213,7 +219,8 @@ class SNN(nn.Module):
                 h = self._layer(getattr(self, name), h)
             if self.mode == "reference":
                 h = self._readout(h)
-            csum = h.cumsum(0) if acc is None else acc.unsqueeze(0) + h.cumsum(0)
+            csum = h.cumsum(0, dtype=torch.float32)  # counts and sums in fp32 (bf16 is exact only to 256)
+            csum = csum if acc is None else acc.unsqueeze(0) + csum
             while want and want[0] <= t0 + n:
                 t = want.pop(0)
                 s = csum[t - t0 - 1]
@@ -244,6 +251,28 @@ class SNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.spec.arch}, num_steps={self.num_steps}, mode={self.mode}"
+
+
+class _AvgPool(torch.autograd.Function):
+    """Average pooling of spike frames [N, C, H, W] that saves only the input's shape and
+    layout for backward (autograd's own pooling keeps its input alive, a full spike
+    tensor per pooling layer and chunk); same values and gradients as ``avg_pool2d``."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size):
+        ctx.meta = (x.shape, x.dtype, x.device, _memory_format(x), kernel_size)
+        return torch.nn.functional.avg_pool2d(x, kernel_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device, fmt, k = ctx.meta
+        like = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)  # sizes and layout only
+        return torch.ops.aten.avg_pool2d_backward(grad, like, k, k, 0, False, True, None), None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 def check_steps(num_steps) -> int:
