@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPARE = textwrap.dedent('''
     import itertools, json, sys
     import torch
+    from snnadv.kernels import scan
     from snnadv.kernels.scan import _LIFScan, lif_scan
     from snnadv.kernels.triton_scan import TritonLIFScan
     from snnadv.neurons import FastSigmoid, LinearSurrogate, SpikeTime
@@ -55,11 +56,20 @@ COMPARE = textwrap.dedent('''
         return spk.detach(), mem.detach(), dt, cur.grad, mem0.grad
 
 
+    def kernel_ran(before, errors, directions=("forward", "backward")):
+        """The comparison means nothing if the kernel fell back to the PyTorch scan."""
+        ran = scan.runs_since(before)
+        if not all(ran.get(f"{d}:triton") for d in directions) or any("failed" in k for k in ran):
+            errors.append(f"the Triton kernel did not run (ran: {ran})")
+
+
     def compare(case, T, N, dtype, device, leak, hard, sname, seed):
         args = inputs(T, N, dtype, device, seed)
         ref = run(_LIFScan.apply, *args, leak, hard, SURROGATES[sname])
+        before = scan.RUNS.copy()
         tri = run(TritonLIFScan.apply, *args, leak, hard, SURROGATES[sname])
         errors = []
+        kernel_ran(before, errors)
         if tri[0].dtype != ref[0].dtype or not torch.equal(tri[0], ref[0]):
             errors.append(f"spikes differ in {(tri[0] != ref[0]).sum().item()} places")
         checks = [("mem", 1e-6, 1e-6), ("dt", 0.0, 0.0), ("grad current", 1e-5, 1e-6), ("grad mem0", 1e-5, 1e-6)]
@@ -89,9 +99,11 @@ COMPARE = textwrap.dedent('''
         x = x.contiguous(memory_format=torch.channels_last_3d)
         mem0 = 0.5 * torch.randn(2, 3, 5, 4, generator=g).to(device)
         dt0 = torch.full((2, 3, 5, 4), 1000.0, device=device)
+        before = scan.RUNS.copy()
         out = {b: lif_scan(x, mem0, dt0, 0.9, THR, False, SpikeTime(), backend=b) for b in ("torch", "triton")}
         errors = [f"lif_scan output {i} differs" for i in range(3)
                   if not torch.equal(out["torch"][i], out["triton"][i])]
+        kernel_ran(before, errors, ("forward",))
         print(json.dumps({"case": "lif_scan channels-last", "errors": errors,
                           "rate": out["torch"][0].mean().item()}), flush=True)
 
@@ -113,12 +125,16 @@ COMPARE = textwrap.dedent('''
             for n in model.neurons:
                 n.spike_hook = lambda spk: counts.append((spk.sum().item(), spk.numel()))
             torch.manual_seed(1)  # the same encoder spikes
+            before = scan.RUNS.copy()
             logits = model(x)
             rate = sum(c for c, _ in counts) / sum(n for _, n in counts)
             logits.square().sum().backward()
             res[b] = (logits.detach(), [p.grad for p in model.parameters()])
+            if b == "triton":
+                kernel_errors = []
+                kernel_ran(before, kernel_errors)
         del os.environ["SNNADV_SCAN"]
-        errors = [] if torch.equal(res["torch"][0], res["triton"][0]) else ["logits differ"]
+        errors = kernel_errors + ([] if torch.equal(res["torch"][0], res["triton"][0]) else ["logits differ"])
         for a, b in zip(res["torch"][1], res["triton"][1]):
             try:
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -134,11 +150,11 @@ COMPARE = textwrap.dedent('''
 
 def _check(lines: list[str]) -> None:
     results = [json.loads(line) for line in lines if line.startswith("{")]
+    failed = [f"{r['case']}: {'; '.join(r['errors'])}" for r in results if r["errors"]]
+    assert not failed, "Triton scan differs from _LIFScan:\n" + "\n".join(failed)
     assert len(results) == 12 + 3 + 1 + 1 + 1, f"expected 18 cases, got {len(results)}"
     for r in results:  # the inputs exercise both spiking and silent neurons
         assert 0.1 < r["rate"] < 0.6, f"{r['case']}: spike rate {r['rate']:.2f}"
-    failed = [f"{r['case']}: {'; '.join(r['errors'])}" for r in results if r["errors"]]
-    assert not failed, "Triton scan differs from _LIFScan:\n" + "\n".join(failed)
 
 
 def test_triton_scan_matches_torch_under_interpreter(tmp_path):
@@ -181,7 +197,7 @@ def test_a_failing_kernel_falls_back_to_the_pytorch_scan(monkeypatch, where):
     monkeypatch.setattr(triton_scan, "broken", None)
     monkeypatch.setattr(triton_scan, "_launch_" + where, fail)
     if where == "backward":  # a forward that "ran" on the kernel: the PyTorch one fills its outputs
-        def forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem):
+        def forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem, keep_bits):
             out, m, d = _LIFScan.apply(current, mem0, dt0, leak, thr, hard, SpikeTime())
             spikes.copy_(out), bits.copy_(out.to(torch.uint8)), memT.copy_(m), dtT.copy_(d)
         monkeypatch.setattr(triton_scan, "_launch_forward", forward)
@@ -197,3 +213,31 @@ def test_a_failing_kernel_falls_back_to_the_pytorch_scan(monkeypatch, where):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert triton_scan.broken and "simulated" in triton_scan.broken and not triton_scan.available()
+
+
+def test_the_comparison_fails_when_the_kernel_does_not_run(monkeypatch, capsys):
+    """The CUDA comparison must not compare PyTorch with PyTorch: with every kernel launch
+    failing (and falling back), the comparison reports that the kernel did not run, and a
+    forced Triton backend (strict) stops with an error."""
+    pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
+    from snnadv.errors import SnnadvError
+    from snnadv.kernels import scan, triton_scan
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(triton_scan, "_interpreting", lambda: True)  # accept CPU tensors
+    monkeypatch.setattr(triton_scan, "broken", None)
+    monkeypatch.setattr(triton_scan, "_launch_forward", fail)
+    monkeypatch.setattr(triton_scan, "_launch_backward", fail)
+    namespace = {"__name__": "compare_triton_scan"}
+    exec(compile(COMPARE, "compare_triton_scan", "exec"), namespace)
+    with pytest.warns(RuntimeWarning, match="simulated"), pytest.raises(SnnadvError, match="simulated"):
+        namespace["main"](4, 40, "cpu")  # the forced-Triton cases raise instead of falling back
+    with pytest.raises(AssertionError, match="did not run"):
+        _check(capsys.readouterr().out.splitlines())
+    before = scan.RUNS.copy()
+    with pytest.raises(SnnadvError, match="Triton LIF scan failed in forward"):
+        scan.lif_scan(torch.rand(3, 8), torch.zeros(8), torch.full((8,), 1000.0), 0.9, 1.0, False,
+                      namespace["SpikeTime"](), backend="triton")
+    assert scan.runs_since(before) == {"forward:triton-failed": 1}

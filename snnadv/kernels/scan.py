@@ -36,7 +36,12 @@ spike, where dt = 1) instead of recomputing the exponential.
 
 Which implementation runs: :func:`lif_scan`'s ``backend``, else the environment
 variable ``SNNADV_SCAN`` (``auto`` | ``torch`` | ``triton``), else ``auto``: Triton for
-CUDA tensors when it imports, PyTorch otherwise.
+CUDA tensors when it imports, PyTorch otherwise.  With ``auto``, a kernel that fails
+to compile or launch warns and the PyTorch scan computes the same result; with
+``triton`` the failure is an error.  Either way :data:`RUNS` counts which
+implementation ran in each direction (``forward:triton``, ``backward:torch``,
+``forward:triton-failed``, ...), so a test or a benchmark can tell the kernel from
+its fallback (:func:`runs_since`).
 
 Layout.  The scan is elementwise over neurons, so it runs on a ``[T, N]`` view of
 the currents whatever their memory format (channels-last convolution outputs
@@ -46,6 +51,7 @@ included, see :func:`rows`); outputs come back in the input's layout.
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 
@@ -53,12 +59,21 @@ from ..errors import SnnadvError
 
 BACKENDS = ("auto", "torch", "triton")
 
+#: how many times each implementation ran, per direction, in this process
+RUNS: Counter = Counter()
+
+
+def runs_since(before: Counter) -> dict[str, int]:
+    """What ran since ``before`` (a copy of :data:`RUNS`): ``{"forward:triton": 3, ...}``."""
+    return {k: v for k, v in (RUNS - before).items() if v}
+
 
 class _LIFScan(torch.autograd.Function):
     """The scan over ``[T, N]`` currents; mem0 and dt0 are ``[N]``."""
 
     @staticmethod
-    def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate):
+    def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate, strict=False):
+        RUNS["forward:torch"] += 1
         T = current.shape[0]
         out = torch.empty_like(current)  # spikes in the current's dtype (the next layer's input)
         keep_mem = surrogate.needs_mem and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
@@ -85,44 +100,85 @@ class _LIFScan(torch.autograd.Function):
         ctx.mark_non_differentiable(dt)
         return out, mem.clone() if keep_mem else mem, dt
 
+    #: gradients in a dtype other than fp32 are computed in fp32 blocks of at most this
+    #: many values ([steps, N]) and written out block by block, so that backward holds
+    #: no T x N fp32 temporary (39 GiB for VGG5's conv1 at T=2500, batch 64)
+    block_values = 2 ** 24
+
     @staticmethod
     def backward(ctx, grad_spk, grad_mem_T, grad_dt):
+        RUNS["backward:torch"] += 1
         spikes, mems, mem0, dt0 = ctx.saved_tensors
         leak, thr, hard, surrogate = ctx.leak, ctx.thr, ctx.hard, ctx.surrogate
-        T = spikes.shape[0]
-        # elementwise work uses float masks: 1 - s[t] (bool masks are ~10x slower on the CPU)
-        keep = (~spikes).float() if hard else None
-        # a[t] = dL/ds[t] * sg[t], the direct term of every step
-        if surrogate.needs_mem:
-            a = grad_spk.float() * surrogate.grad(mems, thr, None)
+        T, N = spikes.shape[0], spikes[0].numel()
+        out = torch.empty_like(grad_spk)
+        if out.dtype == torch.float32:  # computed in place in the result: one block
+            steps, work = T, out
         else:
-            # Eq. 4 with dt rebuilt from the spikes as a running factor:
-            # sg[t+1] = sg[t] * decay * (1 - s[t]) + fresh * s[t]
-            decay = surrogate.step_decay()
-            fresh = surrogate.after_spike()  # sg after a spike (a Python float: no device read)
-            step = spikes.float()                  # one conversion of the saved spikes, then float ops:
-            a = torch.mul(step, fresh)             # fresh * s
-            step.mul_(-decay).add_(decay)          # decay * (1 - s), exact for s in {0, 1}
-            sg = surrogate.grad(None, thr, dt0.float())  # sg at step 0
-            nxt = torch.empty_like(sg)
-            for t in range(T):
-                if t + 1 < T:
-                    torch.addcmul(a[t], sg, step[t], out=nxt)  # sg[t+1], before a[t] is overwritten
-                torch.mul(grad_spk[t], sg, out=a[t])
-                sg, nxt = nxt, sg
-            del step
-        if grad_mem_T is not None:
-            a[T - 1].add_(grad_mem_T)  # the returned state is u[T-1] itself
-        # g[t] = a[t] + lam * (1 - s[t] if hard else 1) * g[t+1], computed into a in place
-        for t in range(T - 2, -1, -1):
-            if hard:
-                a[t].addcmul_(a[t + 1], keep[t], value=leak)
-            else:
-                a[t].add_(a[t + 1], alpha=leak)
+            steps = max(1, min(T, _LIFScan.block_values // max(N, 1)))
+            work = torch.empty((steps, *spikes.shape[1:]), dtype=torch.float32, device=spikes.device)
+        starts = list(range(0, T, steps))
+        sg_at = _eq4_factors(spikes, dt0, thr, surrogate, starts) if not surrogate.needs_mem else None
+        carry = None  # g[t1] of the block after, fp32
+        for b in range(len(starts) - 1, -1, -1):
+            t0 = starts[b]
+            t1 = min(T, t0 + steps)
+            a = work[: t1 - t0]
+            _direct_terms(a, grad_spk[t0:t1], spikes[t0:t1], mems[t0:t1] if surrogate.needs_mem else None,
+                          sg_at[b] if sg_at is not None else None, thr, surrogate)
+            if carry is None and grad_mem_T is not None:
+                a[-1].add_(grad_mem_T)  # the returned state is u[T-1] itself
+            # g[t] = a[t] + lam * (1 - s[t] if hard else 1) * g[t+1], computed into a in place
+            for i in range(t1 - t0 - 1, -1, -1):
+                nxt = a[i + 1] if i + 1 < t1 - t0 else carry
+                if nxt is None:
+                    continue
+                if hard:
+                    a[i].addcmul_(nxt, (~spikes[t0 + i]).float(), value=leak)
+                else:
+                    a[i].add_(nxt, alpha=leak)
+            carry = a[0].clone() if b else a[0]
+            if work is not out:
+                out[t0:t1].copy_(a)
         grad_mem0 = None
         if ctx.needs_input_grad[1]:  # u[0] depends on u[-1] through lam (1 - s[-1])
-            grad_mem0 = leak * a[0] * (~(mem0 > thr)) if hard else leak * a[0]
-        return a.to(grad_spk.dtype), grad_mem0, None, None, None, None, None
+            grad_mem0 = leak * carry * (~(mem0 > thr)) if hard else leak * carry
+        return out, grad_mem0, None, None, None, None, None, None
+
+
+def _eq4_factors(spikes, dt0, thr, surrogate, starts: list[int]) -> list[torch.Tensor]:
+    """Eq. 4's ds/du at each step of ``starts`` (a running factor from step 0: times
+    exp(-beta) per silent step, alpha exp(-beta) after a spike)."""
+    sg = surrogate.grad(None, thr, dt0.float())  # sg at step 0
+    out = [sg]
+    for t0, t1 in zip(starts, starts[1:]):
+        sg = _eq4_run(sg, spikes[t0:t1], surrogate, None, None)
+        out.append(sg)
+    return out
+
+
+def _eq4_run(sg, spikes, surrogate, grad_spk, a):
+    """Carry Eq. 4's factor over the steps of ``spikes``; with ``a``, also write
+    a[t] = dL/ds[t] * sg[t].  Returns sg after the last step:
+    sg[t+1] = sg[t] * decay * (1 - s[t]) + fresh * s[t]."""
+    decay, fresh = surrogate.step_decay(), surrogate.after_spike()
+    sg, nxt = sg.clone(), torch.empty_like(sg)  # (the caller's sg is kept)
+    for t in range(spikes.shape[0]):
+        s = spikes[t].float()
+        # fresh * s + sg * (decay * (1 - s)): exact for s in {0, 1}
+        torch.addcmul(torch.mul(s, fresh), sg, s.mul_(-decay).add_(decay), out=nxt)
+        if a is not None:
+            torch.mul(grad_spk[t], sg, out=a[t])
+        sg, nxt = nxt, sg
+    return sg
+
+
+def _direct_terms(a, grad_spk, spikes, mems, sg0, thr, surrogate) -> None:
+    """a[t] = dL/ds[t] * sg[t] (fp32) for the steps of one block."""
+    if surrogate.needs_mem:
+        torch.mul(grad_spk.float(), surrogate.grad(mems, thr, None), out=a)
+    else:
+        _eq4_run(sg0, spikes, surrogate, grad_spk, a)
 
 
 def final_dt(spikes: torch.Tensor, dt0: torch.Tensor) -> torch.Tensor:
@@ -186,7 +242,9 @@ def lif_scan(current: torch.Tensor, mem0: torch.Tensor, dt0: torch.Tensor, leak:
 
         if backend == "triton" or triton_scan.available():
             fn = triton_scan.TritonLIFScan.apply
-    spk, mem, dt = fn(cur2, mem2, dt2, float(leak), float(thr), bool(hard), surrogate)
+        else:
+            RUNS["forward:triton-unavailable"] += 1
+    spk, mem, dt = fn(cur2, mem2, dt2, float(leak), float(thr), bool(hard), surrogate, backend == "triton")
     frame_shape = (1, *current.shape[1:])
     return (unrows(spk, current.shape, perm), unrows(mem.unsqueeze(0), frame_shape, perm)[0],
             unrows(dt.unsqueeze(0), frame_shape, perm)[0])

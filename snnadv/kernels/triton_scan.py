@@ -33,9 +33,12 @@ once and every output written once.
   (``lam * u``, then ``+ I``, then ``- thr * s``), and floating-point contraction
   (FMA) is disabled, so the spikes are bit-identical to the PyTorch path.
 * Backward kernel: for ``stdb`` a first pass forward over t writes
-  a[t] = dL/ds[t] * sg[t] (dt is a forward-running quantity) into an fp32 buffer (the
-  gradient output itself when that is fp32); a second pass backward over t runs the
-  recurrence above with dL/du[t+1] carried in registers.  For the two surrogates that
+  a[t] = dL/ds[t] * sg[t] (dt is a forward-running quantity) into the gradient output
+  when that is fp32; for a bf16 output it writes only dt's part, the steps since the
+  last spike, as int16 into the output's own memory, and the second pass rebuilds a[t]
+  from it with the same operations (no T x N fp32 buffer); the second pass, backward
+  over t, runs the recurrence above with dL/du[t+1] carried in registers.
+* Forward kernel, without a gradient: no uint8 spike copy is written.  For the two surrogates that
   read the membrane, a[t] is computed inside the backward pass from the saved
   membrane, so there is a single pass and no buffer.
 
@@ -55,6 +58,7 @@ import warnings
 
 import torch
 
+from ..errors import SnnadvError
 from ..neurons import FastSigmoid, LinearSurrogate, SpikeTime
 
 try:  # Triton is optional: without it (or without CUDA) lif_scan uses the PyTorch scan
@@ -75,7 +79,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-#: why the kernels were switched off in this process (None: they work or were not tried)
+#: why the kernels were switched off for ``auto`` in this process (None: they work or
+#: were not tried); every call that then runs the PyTorch scan instead is counted in
+#: :data:`snnadv.kernels.scan.RUNS` (``forward:triton-unavailable``)
 broken: str | None = None
 
 
@@ -86,12 +92,19 @@ def available() -> bool:
     return triton is not None and broken is None and (torch.cuda.is_available() or _interpreting())
 
 
-def _give_up(where: str, error: Exception) -> None:
-    """A kernel failed to compile or launch: warn once, use the PyTorch scan from now on.
+def _give_up(where: str, error: Exception, strict: bool) -> None:
+    """A kernel failed to compile or launch: an error when Triton was asked for
+    (``strict``), else warn once, count it, and use the PyTorch scan from now on.
 
     The results do not change (the two compute the same function); only speed does.
     """
     global broken
+    from .scan import RUNS
+
+    RUNS[f"{where}:triton-failed"] += 1
+    if strict:
+        raise SnnadvError(f"the Triton LIF scan failed in {where}: {type(error).__name__}: {error} "
+                          f"(SNNADV_SCAN=auto falls back to the PyTorch scan)") from error
     if broken is None:
         broken = f"{where}: {type(error).__name__}: {error}"
         warnings.warn(f"the Triton LIF scan failed ({broken}); using the PyTorch scan instead "
@@ -119,7 +132,8 @@ if triton is not None:
                         spk_ptr, bits_ptr, mems_ptr,  # outputs [T, N]: spikes, uint8 spikes, membranes
                         memT_ptr, dtT_ptr,  # outputs [N]: the state after the last step
                         T, N, leak, thr,
-                        HARD: tl.constexpr, KEEP_MEM: tl.constexpr, BLOCK: tl.constexpr):
+                        HARD: tl.constexpr, KEEP_MEM: tl.constexpr, KEEP_BITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < N  # lanes past N load undefined values and store nothing
         mem = tl.load(mem0_ptr + offs, mask=live).to(tl.float32)
@@ -142,7 +156,8 @@ if triton is not None:
             # (0.0/1.0 through fp32: exact in any float dtype; the interpreter cannot cast
             # a boolean to bf16 directly)
             tl.store(spk_p, tl.where(spike, 1.0, 0.0).to(spk_ptr.dtype.element_ty), mask=live)
-            tl.store(bits_p, spike.to(tl.uint8), mask=live)
+            if KEEP_BITS:  # saved for backward: only when a gradient is needed
+                tl.store(bits_p, spike.to(tl.uint8), mask=live)
             if KEEP_MEM:
                 tl.store(mems_p, mem, mask=live)
             last = tl.where(spike, t, last)
@@ -160,23 +175,28 @@ if triton is not None:
     @triton.jit
     def _lif_bwd_kernel(gspk_ptr, gmemT_ptr,  # incoming gradients: [T, N], [N]
                         bits_ptr, mems_ptr, mem0_ptr, dt0_ptr,  # saved: [T, N], [T, N], [N], [N]
-                        work_ptr, gcur_ptr, gmem0_ptr,  # fp32 buffer [T, N]; outputs [T, N], [N]
+                        work_ptr, gcur_ptr, gmem0_ptr,  # buffer [T, N] (see WORK_DT); outputs [T, N], [N]
                         T, N, last_row, leak, thr, p0, p1,  # p0, p1: alpha, beta | gamma | slope
                         SURROGATE: tl.constexpr, HARD: tl.constexpr, HAS_GMEM_T: tl.constexpr,
-                        NEED_GMEM0: tl.constexpr, BLOCK: tl.constexpr):
+                        NEED_GMEM0: tl.constexpr, WORK_DT: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < N
 
         # -- pass 1 (Eq. 4 only), forward over t: a[t] = dL/ds[t] * alpha * exp(-beta * dt[t])
+        # into the fp32 output, or (WORK_DT: a bf16 output, streamed) only the steps since
+        # the last spike, t - last (-1: none yet), as int16 in the output's own memory
+        dt0 = tl.load(dt0_ptr + offs, mask=live).to(tl.float32)
         if SURROGATE == 0:
-            dt0 = tl.load(dt0_ptr + offs, mask=live).to(tl.float32)
             last = tl.full([BLOCK], -1, tl.int32)  # index of the last spike before step t
             gspk_p, bits_p, work_p = gspk_ptr + offs, bits_ptr + offs, work_ptr + offs
             for t in range(T):
-                dt = tl.where(last >= 0, (t - last).to(tl.float32), dt0 + t)
-                sg = p0 * tl.exp(-p1 * dt)
-                a = tl.load(gspk_p, mask=live).to(tl.float32) * sg
-                tl.store(work_p, a, mask=live)
+                if WORK_DT:
+                    tl.store(work_p, tl.where(last >= 0, t - last, -1).to(tl.int16), mask=live)
+                else:
+                    dt = tl.where(last >= 0, (t - last).to(tl.float32), dt0 + t)
+                    sg = p0 * tl.exp(-p1 * dt)
+                    a = tl.load(gspk_p, mask=live).to(tl.float32) * sg
+                    tl.store(work_p, a, mask=live)
                 spike = tl.load(bits_p, mask=live) != 0
                 last = tl.where(spike, t, last)
                 gspk_p += N
@@ -196,7 +216,13 @@ if triton is not None:
             t = T - 1 - i
             # a[t], the direct term of step t
             if SURROGATE == 0:
-                a = tl.load(work_ptr + row, mask=live)
+                if WORK_DT:  # the same a[t] as pass 1 would have stored (same operations)
+                    since = tl.load(work_ptr + row, mask=live).to(tl.int32)
+                    dt = tl.where(since >= 0, since.to(tl.float32), dt0 + t)
+                    sg = p0 * tl.exp(-p1 * dt)
+                    a = tl.load(gspk_ptr + row, mask=live).to(tl.float32) * sg
+                else:
+                    a = tl.load(work_ptr + row, mask=live)
             else:
                 u = tl.load(mems_ptr + row, mask=live)
                 # (IEEE divisions: Triton's plain `/` is an approximate one on the GPU)
@@ -239,10 +265,11 @@ class _Null:
         return False
 
 
-def _launch_forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem):
+def _launch_forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem,
+                    keep_bits=True):
     with _device_guard(current):
         _lif_fwd_kernel[_grid(N)](current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr,
-                                  HARD=hard, KEEP_MEM=keep_mem, BLOCK=BLOCK,
+                                  HARD=hard, KEEP_MEM=keep_mem, KEEP_BITS=keep_bits, BLOCK=BLOCK,
                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -252,6 +279,7 @@ def _launch_backward(grad_spk, gmemT, bits, mems, mem0, dt0, work, gcur, gmem0, 
         _lif_bwd_kernel[_grid(N)](grad_spk, gmemT, bits, mems, mem0, dt0, work, gcur, gmem0,
                                   T, N, (T - 1) * N, leak, thr, p0, p1,
                                   SURROGATE=kind, HARD=hard, HAS_GMEM_T=has_gmemT, NEED_GMEM0=need_gmem0,
+                                  WORK_DT=work.dtype == torch.int16,
                                   BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -260,15 +288,19 @@ class TritonLIFScan(torch.autograd.Function):
     mem0 [N], dt0 [N], leak, thr, hard, surrogate)`` -> ``(spikes [T, N] in current's
     dtype, membrane after the last step [N] fp32, dt after the last step [N])``.
 
-    A surrogate other than the three built-in classes falls back to the PyTorch scan."""
+    A surrogate other than the three built-in classes falls back to the PyTorch scan
+    (counted as ``forward:triton-surrogate``).  ``strict``: a failing kernel is an error
+    instead of a fallback (see :func:`_give_up`).  Every kernel launch is counted in
+    :data:`snnadv.kernels.scan.RUNS` (``forward:triton``, ``backward:triton``)."""
 
     @staticmethod
-    def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate):
-        from .scan import _LIFScan
+    def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate, strict=False):
+        from .scan import RUNS, _LIFScan
 
         code = _surrogate_code(surrogate)
-        ctx.fallback = code is None
+        ctx.fallback, ctx.strict = code is None, bool(strict)
         if ctx.fallback:  # not implemented in the kernels: the readable version
+            RUNS["forward:triton-surrogate"] += 1
             return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate)
         if not (current.is_cuda or _interpreting()):
             raise RuntimeError("the Triton LIF scan needs CUDA tensors (or TRITON_INTERPRET=1)")
@@ -282,16 +314,19 @@ class TritonLIFScan(torch.autograd.Function):
         keep_mem = surrogate.needs_mem and grad_needed
 
         spikes = torch.empty_like(current)
-        bits = torch.empty((T, N), dtype=torch.uint8, device=current.device)
+        # the spikes as uint8, saved for backward; without a gradient nothing is written
+        bits = torch.empty((T, N) if grad_needed else (0, N), dtype=torch.uint8, device=current.device)
         memT = torch.empty(N, dtype=torch.float32, device=current.device)
         dtT = torch.empty_like(dt0c)
         mems = torch.empty((T, N), dtype=torch.float32, device=current.device) if keep_mem else None
         if N > 0 and T > 0:
             try:
-                _launch_forward(current, mem0c, dt0c, spikes, bits, mems if keep_mem else memT, memT, dtT,
-                                T, N, float(leak), float(thr), bool(hard), keep_mem)
+                _launch_forward(current, mem0c, dt0c, spikes, bits if grad_needed else spikes,
+                                mems if keep_mem else memT, memT, dtT,
+                                T, N, float(leak), float(thr), bool(hard), keep_mem, grad_needed)
+                RUNS["forward:triton"] += 1
             except Exception as e:  # noqa: BLE001 - any compile/launch failure: same math in PyTorch
-                _give_up("forward", e)
+                _give_up("forward", e, ctx.strict)
                 ctx.fallback = True
                 return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate)
         else:  # nothing to scan: the state passes through
@@ -305,7 +340,7 @@ class TritonLIFScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spk, grad_mem_T, grad_dt):
-        from .scan import _LIFScan
+        from .scan import RUNS, _LIFScan
 
         if ctx.fallback:
             return _LIFScan.backward(ctx, grad_spk, grad_mem_T, grad_dt)
@@ -316,9 +351,15 @@ class TritonLIFScan(torch.autograd.Function):
         need_gmem0 = bool(ctx.needs_input_grad[1])
         gcur = torch.empty_like(grad_spk)
         gmem0 = torch.empty(N, dtype=torch.float32, device=grad_spk.device) if need_gmem0 else None
-        if kind == _STDB:  # a[t] buffer for pass 1; the output itself when it is fp32
-            work = gcur if gcur.dtype == torch.float32 else torch.empty((T, N), dtype=torch.float32,
-                                                                         device=gcur.device)
+        if kind == _STDB:  # pass 1 writes into the output: a[t] when it is fp32, else
+            # (2-byte gradients) the steps since the last spike as int16; T x N fp32 only
+            # for T >= 2^15 steps in one chunk
+            if gcur.dtype == torch.float32:
+                work = gcur
+            elif gcur.element_size() == 2 and T < 2 ** 15:
+                work = gcur.view(torch.int16)
+            else:
+                work = torch.empty((T, N), dtype=torch.float32, device=gcur.device)
         else:
             work = gcur  # unused
         has_gmemT = grad_mem_T is not None
@@ -328,9 +369,10 @@ class TritonLIFScan(torch.autograd.Function):
                 _launch_backward(grad_spk, gmemT, spikes.view(torch.uint8), mems if mems.numel() else mem0,
                                  mem0, dt0, work, gcur, gmem0 if need_gmem0 else mem0, T, N, ctx.leak, ctx.thr,
                                  float(p0), float(p1), kind, ctx.hard, has_gmemT, need_gmem0)
+                RUNS["backward:triton"] += 1
             except Exception as e:  # noqa: BLE001 - the saved tensors are what _LIFScan saves
-                _give_up("backward", e)
+                _give_up("backward", e, ctx.strict)
                 return _LIFScan.backward(ctx, grad_spk, grad_mem_T, grad_dt)
         elif need_gmem0:  # T == 0: u[-1] is the returned membrane
             gmem0 = gmemT.clone() if has_gmemT else torch.zeros_like(mem0)
-        return gcur, gmem0, None, None, None, None, None
+        return gcur, gmem0, None, None, None, None, None, None
