@@ -199,3 +199,46 @@ def test_encoder_with_a_cpu_generator_seeds_only_the_cpu_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
     assert torch.equal(rate(p, 5, g), expected)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class LargestFloat(TorchDispatchMode):
+    """The largest fp32 tensor any operation returns while active (elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_bf16_eq4_backward_streams_without_a_t_by_n_fp32_buffer(monkeypatch):
+    """Item 6: the PyTorch scan's backward for bf16 gradients works in fp32 blocks of
+    steps: no fp32 tensor of T x N, and the same bits as one block (every surrogate)."""
+    from snnadv.kernels.scan import _LIFScan
+    from snnadv.neurons import make_surrogate
+
+    T, N = 40, 50
+    g = torch.Generator().manual_seed(0)
+    cur = (0.6 * torch.randn(T, N, generator=g) + 0.35).bfloat16()
+    grad = torch.randn(T, N, generator=g).bfloat16()
+    mem0, dt0 = 0.7 * torch.randn(N, generator=g), torch.randint(1, 30, (N,), generator=g).float()
+
+    def grads(name, hard):
+        c, m = cur.clone().requires_grad_(True), mem0.clone().requires_grad_(True)
+        spk, mem, _ = _LIFScan.apply(c, m, dt0, 0.9, 1.0, hard, make_surrogate(name))
+        with LargestFloat() as mode:
+            torch.autograd.backward([spk, mem], [grad, torch.ones(N)])
+        return c.grad, m.grad, mode.largest
+
+    for name, hard in (("stdb", False), ("stdb", True), ("linear", True), ("fast-sigmoid", False)):
+        whole = grads(name, hard)
+        monkeypatch.setattr(_LIFScan, "block_values", 4 * N)  # 4 steps per block
+        blocks = grads(name, hard)
+        monkeypatch.undo()
+        assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1]), name
+        assert whole[2] >= T * N and blocks[2] <= 4 * N, (name, whole[2], blocks[2])
