@@ -10,6 +10,12 @@ original code).  Every adversarial image lies in [0, 1] and within the L-inf
 eps-ball of its clean image.  The gradient comes from a swappable source
 (:mod:`snnadv.gradients`): autograd for an ANN, Algorithm 1 or BPTT for an SNN.
 The model is put in eval mode while attacking and returned to the mode it was in.
+
+Large T.  On a GPU, an SNN's gradient is taken in pieces of the batch when the whole
+batch would not fit the free memory by the estimate of :mod:`snnadv.memory` (BPTT at
+T=2500 keeps ~0.4 MB per image and step); the loss is a sum over images, so the
+pieces' gradients are the batch's gradient (with the encoder's draws in a different
+order).  On a CPU the batch is never split.
 """
 
 from __future__ import annotations
@@ -60,10 +66,27 @@ class Attack:
     def step_direction(self, x: torch.Tensor, labels, target_labels) -> torch.Tensor:
         """sign of the loss gradient, uphill (untargeted) or towards the targets."""
         if self.targeted:
-            grad, _ = self.gradient(x, target_labels)
-            return -grad.sign()
-        grad, _ = self.gradient(x, labels)
-        return grad.sign()
+            return -self.input_gradient(x, target_labels).sign()
+        return self.input_gradient(x, labels).sign()
+
+    def input_gradient(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The gradient source's dJ/dx, in pieces of the batch where it would not fit."""
+        piece = self.piece_size(x)
+        if piece >= len(x):
+            return self.gradient(x, labels)[0]
+        return torch.cat([self.gradient(x[i:i + piece], labels[i:i + piece])[0] for i in range(0, len(x), piece)])
+
+    def piece_size(self, x: torch.Tensor) -> int:
+        """Images per gradient call: the whole batch, unless an SNN's gradient at its T
+        would not fit the device's free memory (:func:`snnadv.memory.free_bytes`)."""
+        from . import memory
+        from .models import SNN
+
+        budget = memory.free_bytes(x.device)
+        if budget is None or not isinstance(self.model, SNN):
+            return len(x)
+        kind = "alg1" if getattr(self.gradient, "name", "").startswith("alg1") else "bptt"
+        return memory.max_batch(self.model, len(x), self.model.num_steps, kind, budget)
 
     def project(self, x_adv: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Clip to the eps-ball around ``images`` and to [0, 1]."""

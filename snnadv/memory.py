@@ -1,0 +1,296 @@
+"""Memory plan for paper-scale runs: how many bytes a stage needs, and which batch and
+time chunk fit a device.
+
+What is measured (:func:`measure`, on any device, in a second or two): the bytes that
+autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``, every
+saved storage counted once, parameters excluded) for one image at two lengths T, in
+one chunk, which gives
+
+* ``per_step``: bytes per image and timestep (the spikes the scans keep as bool, the
+  synaptic layers' inputs, dropout masks), and
+* ``per_chunk``: bytes per image and chunk (state frames, the readout).
+
+What is modelled on top (:func:`peak_bytes`):
+
+* the parameters, times the copies a stage holds (weights; gradients and optimizer
+  state when training; a bf16 weight copy under autocast);
+* the neuron state (membrane and dt, fp32, per neuron per image);
+* the transient buffers of one chunk: :data:`TRANSIENT_BYTES` per value of the
+  widest layer, per image and step of the chunk (its fp32 current, spikes, and with
+  autograd their gradients);
+* the training set held on the device (uint8) for training stages.
+
+:func:`plan` picks the largest batch (at most the requested one) and the chunk that
+SNN's own rule gives (:meth:`snnadv.models.SNN.chunk_for`, smaller if needed) whose
+estimate fits a budget; a training stage must keep its batch (the batch is part of
+the recipe), an attack or an evaluation is split into pieces of that batch.  When
+nothing fits it raises :class:`~snnadv.errors.SnnadvError` with the estimate.
+
+``python -m snnadv.memory`` (or ``snnadv doctor --memory``) prints the plan of every
+stage of the paper configs on an 80 GiB budget (one H100/H200 80 GB-class GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SnnadvError
+from .models.spec import ArchSpec
+
+GiB = 2 ** 30
+#: bytes per value of the widest layer, per image and step of a chunk, held at once
+#: besides what autograd saves: with autograd, the fp32 current, the spikes and their
+#: two gradients (4 x 4); without, the current and the spikes (2 x 4) plus the
+#: encoder's frames
+TRANSIENT_BYTES = {True: 16, False: 12}
+#: parameter copies per stage kind: weights (+ gradients + optimizer state)
+PARAM_COPIES = {"ann-train": 3, "snn-train": 4, "alg1": 1, "bptt": 1, "infer": 1}
+#: which kinds keep a batch as asked (training) and which may be split into pieces
+TRAINING = {"ann-train", "snn-train"}
+KINDS = tuple(PARAM_COPIES)
+#: CIFAR-10/100 as uint8 on the device (50,000 + 10,000 images of 3 x 32 x 32)
+DATA_BYTES = 60_000 * 3 * 32 * 32
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Bytes autograd saves for one kind of stage (see the module docstring)."""
+
+    arch: str
+    kind: str
+    precision: str
+    per_step: int      # per image per timestep (per image for the ANN)
+    per_chunk: int     # per image per chunk
+    param_bytes: int   # one copy of the parameters
+    neurons: int       # spiking neurons per image (state: membrane + dt, fp32)
+    widest: int        # values of the widest layer per image
+
+
+def _saved_bytes(model, run) -> int:
+    """Bytes of the storages autograd saves while ``run()`` builds the graph (each
+    counted once; parameters and buffers excluded)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def measure(spec: ArchSpec, kind: str, precision: str = "fp32", device="cpu", leak: float = 0.99) -> Profile:
+    """Measure ``kind`` (one of :data:`KINDS`) for ``spec`` with saved-tensor hooks on a
+    one-image run at T = 2 and 4 (one chunk each); ``infer`` saves nothing."""
+    from .gradients import Algorithm1
+    from .models import ANN, SNN
+
+    if kind not in KINDS:
+        raise SnnadvError(f"unknown stage kind '{kind}' (choose {', '.join(KINDS)})")
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(1, spec.in_channels, spec.image_size, spec.image_size, generator=gen, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    if kind == "ann-train":
+        model = ANN(spec).to(device).train()
+        per_image = _saved_bytes(model, lambda: F.cross_entropy(model(x), y))
+        return Profile(spec.arch, kind, "fp32", per_image, 0, _param_bytes(model), 0, spec.widest_activation())
+    saved = {}
+    for T in (2, 4):
+        model = SNN(spec, num_steps=T, leak=leak, precision=precision, chunk_steps=T).to(device)
+        model.set_thresholds({n: 0.3 for n in model.neuron_names})
+        model.train(kind == "snn-train")
+        if kind == "alg1":
+            source = Algorithm1(model)
+            saved[T] = _saved_bytes(model, lambda: source.first_layer_grad(x, y))
+        elif kind == "infer":
+            saved[T] = 0
+        else:
+            xg = x.clone().requires_grad_(kind == "bptt")
+            saved[T] = _saved_bytes(model, lambda: F.cross_entropy(model(xg), y))
+    per_step = (saved[4] - saved[2]) // 2
+    neurons = sum(_neurons(spec))
+    return Profile(spec.arch, kind, precision, per_step, max(0, saved[2] - 2 * per_step), _param_bytes(model),
+                   neurons, spec.widest_activation())
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _neurons(spec: ArchSpec) -> list[int]:
+    """Spiking neurons per image, per spiking layer (from a one-image ANN pass's shapes)."""
+    from .models import ANN
+
+    counts = []
+    ann = ANN(spec)
+    hooks = [m.register_forward_hook(lambda m, i, o: counts.append(o[0].numel()))
+             for m in ann.modules() if isinstance(m, torch.nn.ReLU)]
+    with torch.no_grad():
+        ann(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def chunk_for(profile: Profile, batch: int, timesteps: int, device_type: str = "cuda") -> int:
+    """The chunk :meth:`snnadv.models.SNN.chunk_for` picks (no ``chunk_steps`` set)."""
+    from .models.snn import SNN
+
+    if profile.kind == "ann-train":
+        return 1
+    budget = SNN.grad_chunk_budget if profile.kind != "infer" else \
+        SNN.chunk_budget.get(device_type, SNN.chunk_budget["cpu"])
+    return max(1, min(timesteps, budget // (batch * profile.widest)))
+
+
+def peak_bytes(profile: Profile, batch: int, timesteps: int, chunk: int) -> int:
+    """Estimated peak bytes of one step of the stage at this batch, T and chunk."""
+    copies = PARAM_COPIES[profile.kind] + (0.5 if profile.precision == "bf16" else 0)
+    static = int(profile.param_bytes * copies) + (DATA_BYTES if profile.kind in TRAINING else 0)
+    if profile.kind == "ann-train":
+        return static + batch * profile.per_step
+    chunks = math.ceil(timesteps / chunk)
+    saved = batch * (timesteps * profile.per_step + chunks * profile.per_chunk)
+    state = batch * profile.neurons * 8
+    transient = chunk * batch * profile.widest * TRANSIENT_BYTES[profile.kind != "infer"]
+    return static + saved + state + transient
+
+
+def plan(profile: Profile, batch: int, timesteps: int, budget: int, device_type: str = "cuda") -> dict:
+    """The largest batch <= ``batch`` (training: exactly ``batch``) and a chunk whose
+    estimate fits ``budget`` bytes: ``{"batch", "pieces", "chunk", "peak_bytes"}``."""
+    batches = [batch] if profile.kind in TRAINING else sorted({batch, *[2 ** k for k in range(batch.bit_length())]},
+                                                               reverse=True)
+    for b in batches:
+        if b > batch:
+            continue
+        chunk = chunk_for(profile, b, timesteps, device_type)
+        while True:
+            peak = peak_bytes(profile, b, timesteps, chunk)
+            if peak <= budget or chunk == 1:
+                break
+            chunk = max(1, chunk // 2)
+        if peak <= budget:
+            return {"batch": b, "pieces": math.ceil(batch / b), "chunk": chunk, "peak_bytes": peak}
+    smallest = batches[-1]
+    need = peak_bytes(profile, smallest, timesteps, 1)
+    what = "a training batch must stay whole" if profile.kind in TRAINING else "even one image does not fit"
+    raise SnnadvError(f"{profile.arch} {profile.kind} at T={timesteps}, batch {smallest}: needs about "
+                      f"{need / GiB:.1f} GiB, the budget is {budget / GiB:.1f} GiB ({what}); use a smaller "
+                      f"--batch-size or T, or --precision bf16")
+
+
+def max_batch(model, batch: int, timesteps: int, kind: str, budget: int) -> int:
+    """The largest piece of ``batch`` images of ``model`` (an SNN) that fits ``budget``
+    bytes for ``kind`` (``alg1`` | ``bptt`` | ``infer``), measured on the model's
+    architecture (cached) and precision."""
+    profile = _profile(model.spec, kind, model.precision)
+    return plan(profile, batch, timesteps, budget)["batch"]
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """The memory an attack may plan with: 90 % of what the GPU has free (plus what
+    PyTorch holds cached); None on a CPU (batches are never split there)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(0.9 * (free + cached))
+
+
+_PROFILES: dict = {}
+
+
+def _profile(spec: ArchSpec, kind: str, precision: str) -> Profile:
+    key = (spec.to_dict().__repr__(), kind, precision)
+    if key not in _PROFILES:
+        _PROFILES[key] = measure(spec, kind, precision)
+    return _PROFILES[key]
+
+
+#: the stages of a paper config, as (stage, kind, the config's stage for batch and T,
+#: which T): conversion and the table's SNN-conv run at the conversion T, fine-tuning
+#: and the SNN-BP attacks at the fine-tuning T
+PAPER_STAGES = [
+    ("train-ann", "ann-train", "train-ann", None),
+    ("convert (balance, curve)", "infer", "convert", "convert"),
+    ("finetune (BPTT)", "snn-train", "finetune", "finetune"),
+    ("table: SNN-conv clean", "infer", "table", "convert"),
+    ("table: attack SNN-conv, alg1", "alg1", "table", "convert"),
+    ("table: attack SNN-conv, bptt", "bptt", "table", "convert"),
+    ("table: attack SNN-BP, alg1", "alg1", "table", "finetune"),
+    ("table: attack SNN-BP, bptt", "bptt", "table", "finetune"),
+]
+
+PAPER_CONFIGS = ("vgg5_cifar10", "resnet20_cifar10", "vgg11_cifar100")
+
+
+def paper_plan(budget: int = 80 * GiB, precision: str = "fp32", configs=PAPER_CONFIGS,
+               config_dir: Path | None = None) -> list[dict]:
+    """One row per paper config and stage: T, asked batch, chosen batch x pieces, chunk,
+    estimated peak (or why nothing fits)."""
+    from .config import FINETUNE_STEPS, resolve
+    from .data import DATASETS
+    from .models import get_spec
+
+    config_dir = config_dir or Path(__file__).resolve().parents[1] / "configs"
+    rows = []
+    for name in configs:
+        path = config_dir / f"{name}.toml"
+        ann = resolve("train-ann", path)
+        spec = get_spec(ann["arch"], DATASETS[ann["dataset"]])
+        steps = {"convert": resolve("convert", path)["timesteps"],
+                 "finetune": resolve("finetune", path)["timesteps"] or FINETUNE_STEPS[ann["arch"]]}
+        for label, kind, stage, which in PAPER_STAGES:
+            cfg = resolve(stage, path)
+            T = steps[which] if which else 1
+            batch = cfg["batch_size"]
+            row = {"config": name, "arch": spec.arch, "stage": label, "kind": kind, "timesteps": T,
+                   "batch_asked": batch, "precision": precision}
+            try:
+                row.update(plan(_profile(spec, kind, precision if kind != "ann-train" else "fp32"), batch, T, budget))
+            except SnnadvError as e:
+                row["error"] = str(e)
+            rows.append(row)
+    return rows
+
+
+def format_plan(rows: list[dict], budget: int) -> str:
+    """The plan as a Markdown table."""
+    out = [f"Estimated peak memory per stage on a {budget / GiB:.0f} GiB budget "
+           f"({rows[0]['precision'] if rows else 'fp32'}; snnadv.memory)", "",
+           "| config | stage | T | batch | chosen batch x pieces | chunk | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['config']} | {r['stage']} | {r['timesteps']} | {r['batch_asked']} | does not fit | "
+                       f"- | {r['error']} |")
+        else:
+            out.append(f"| {r['config']} | {r['stage']} | {r['timesteps']} | {r['batch_asked']} | "
+                       f"{r['batch']} x {r['pieces']} | {r['chunk']} | {r['peak_bytes'] / GiB:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m snnadv.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-gib", type=float, default=80.0)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args(argv)
+    budget = int(args.budget_gib * GiB)
+    print(format_plan(paper_plan(budget, args.precision), budget))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
