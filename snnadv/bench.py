@@ -59,6 +59,7 @@ from torch import nn
 from .checkpoint import load_weights
 from .config import parse_precision, resolve, resolve_device
 from .errors import SnnadvError
+from .kernels import scan
 from .models import ANN, SNN, get_spec
 from .models.ann import BasicBlock, make_layer
 from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
@@ -329,7 +330,8 @@ class _PeakMemory:
 
 def measure(step, *, batch: int, timesteps: int, iters: int, warmup: int, device: torch.device,
             warmup_step=None) -> dict:
-    """Three phases: one ``step()`` that measures peak memory (untimed), ``warmup_step()``
+    """Three phases: one ``step()`` that measures peak memory (untimed; on CUDA after the
+    warm-up, so that cuDNN's autotuning is not in the peak), ``warmup_step()``
     (default ``step``) ``warmup`` times untimed, then ``step()`` ``iters`` times timed
     (wall clock; ``cpu_seconds``: process CPU time of the timed iterations, a check on a
     loaded machine).
@@ -338,10 +340,14 @@ def measure(step, *, batch: int, timesteps: int, iters: int, warmup: int, device
     trimmed first and a sampling thread, and both would slow the timed steps (a trimmed
     heap page-faults in again; measured: 4.9 vs 7.4 img/s for SNN-BP training at T=100).
     """
+    if device.type == "cuda":  # the peak of a warm step: after cuDNN's autotuning and the allocator's warm-up
+        for _ in range(warmup):
+            (warmup_step or step)()
     with _PeakMemory(device) as mem:
         step()
-    for _ in range(warmup):
-        (warmup_step or step)()
+    if device.type != "cuda":
+        for _ in range(warmup):
+            (warmup_step or step)()
     _sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(iters):
@@ -395,7 +401,7 @@ def spike_rates(model: SNN, x: torch.Tensor, num_steps: int) -> dict[str, float]
         if isinstance(m, LIF):
             def record(spk, _name=name):
                 c = counts.setdefault(_name, [0.0, 0.0])
-                c[0] += float(spk.sum())
+                c[0] += float(spk.sum(dtype=torch.float64))  # exact counts whatever the dtype
                 c[1] += spk.numel()
             m.spike_hook = record
             hooked.append(m)
@@ -725,6 +731,7 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
                                f"{s['warmup']} warm-up + {s['iters']} timed iteration(s)")
                 torch.manual_seed(seed)
                 kw = dict(batch=s["batch"], iters=s["iters"], warmup=s["warmup"], device=device, seed=seed)
+                before = scan.RUNS.copy()
                 if w == "ann_train":
                     row = ann_train(spec, weights, **kw)
                 else:
@@ -732,6 +739,7 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
                         kw["warmup_timesteps"] = min(s["warmup_timesteps"], s["timesteps"])
                     row = _FUNCS[w](spec, weights, impl=impl, thresholds=thresholds[net],
                                     timesteps=s["timesteps"], snn_options=snn_options, **kw)
+                row["scan"] = scan.runs_since(before)  # which neuron scan ran (fused: torch or triton)
                 row = {"workload": w, "impl": impl, "precision": precision, **row,
                        "network": None if w == "ann_train" else net,
                        "warmup_timesteps": kw.get("warmup_timesteps")}
