@@ -44,9 +44,10 @@ def cli():
       snnadv convert   --config configs/quick.toml --checkpoint runs/ann.pt --out runs/conv.pt
       snnadv finetune  --config configs/quick.toml --checkpoint runs/conv.pt --leak 0.95 --out runs/bp.pt
     """
-    from snnadv.runtime import keep_freed_memory
+    from snnadv.runtime import keep_freed_memory, tf32_policy
 
     keep_freed_memory()  # large CPU tensors are reused, not page-faulted in again (snnadv.runtime)
+    tf32_policy()  # fp32 means fp32 on a GPU too (SNNADV_TF32=1 allows TF32)
 
 
 @cli.command("train-ann")

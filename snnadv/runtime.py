@@ -50,3 +50,16 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     return _applied
+
+
+def tf32_policy() -> dict:
+    """Choose TF32 explicitly for CUDA: off by default, so fp32 on a GPU computes in
+    fp32 as on the CPU (cuDNN's own default would run fp32 convolutions as TF32);
+    ``--precision bf16`` is the fast path.  ``SNNADV_TF32=1`` allows TF32 for fp32
+    matmuls and convolutions.  Returns the choice, for results to record."""
+    import torch
+
+    allow = os.environ.get("SNNADV_TF32", "0") == "1"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    return {"tf32_matmul": allow, "tf32_cudnn": allow}

@@ -110,6 +110,9 @@ def test_run_bench_snnadv_options():
     assert r["snnadv_options"]["precision"] == "bf16" and r["snnadv_options"]["chunk_steps"] == 2
     assert [row["workload"] for row in r["rows"]] == ["snn_train", "snn_train"]
     assert all(row["images_per_s"] > 0 for row in r["rows"])
+    # which scan ran is recorded (here the PyTorch one, both directions; none for the loop)
+    assert r["rows"][0]["scan"]["forward:torch"] > 0 and r["rows"][0]["scan"]["backward:torch"] > 0
+    assert r["rows"][1]["scan"] == {}
     # both precisions in one run: a row each, each compared with the same fp32 baseline
     r = run_bench({"preset": "tiny", "device": "cpu", "only": "snn_train", "precision": "fp32,bf16"})
     assert [(row["impl"], row["precision"]) for row in r["rows"]] == [

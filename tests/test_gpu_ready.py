@@ -242,3 +242,19 @@ def test_bf16_eq4_backward_streams_without_a_t_by_n_fp32_buffer(monkeypatch):
         monkeypatch.undo()
         assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1]), name
         assert whole[2] >= T * N and blocks[2] <= 4 * N, (name, whole[2], blocks[2])
+
+
+def test_tf32_is_chosen_explicitly(monkeypatch):
+    """Item 6: TF32 is off unless asked for (SNNADV_TF32=1), and the choice is returned to
+    be recorded; the command line applies it at start-up."""
+    from snnadv.runtime import tf32_policy
+
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert tf32_policy() == {"tf32_matmul": False, "tf32_cudnn": False}
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setenv("SNNADV_TF32", "1")
+        assert tf32_policy() == {"tf32_matmul": True, "tf32_cudnn": True} and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
