@@ -117,6 +117,7 @@ from . import robustness_cmds  # noqa: E402,F401  (registers attack, table)
 from . import reproduce_cmd  # noqa: E402,F401
 from . import analyze_cmd  # noqa: E402,F401
 from . import evaluate_cmd  # noqa: E402,F401
+from . import doctor_cmd  # noqa: E402,F401
 
 
 @cli.command("bench")
