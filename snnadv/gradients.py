@@ -122,8 +122,8 @@ class Algorithm1:
             with torch.enable_grad():
                 logits = m(images.detach())
                 torch.autograd.grad(self.loss(logits, labels), leaf)
-                sums = m.first_layer_grads
-                acc = sum(sums[c] for c in sorted(sums))
+                sums = [m.first_layer_grads[c] for c in sorted(m.first_layer_grads)]
+                acc = sum(g for g in sums if g is not None)  # (None: a chunk the loss does not see)
         finally:
             m.capture_first_layer = None
             m.first_layer_grads = {}

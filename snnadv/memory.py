@@ -3,12 +3,14 @@ time chunk fit a device.
 
 What is measured (:func:`measure`, on any device, in a second or two): the bytes that
 autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``, every
-saved storage counted once, parameters excluded) for one image at two lengths T, in
-one chunk, which gives
+saved storage counted once, parameters excluded) at (batch, T) = (1, 2), (1, 4) and
+(2, 2), in one chunk, which gives
 
 * ``per_step``: bytes per image and timestep (the spikes the scans keep as bool, the
   synaptic layers' inputs, dropout masks), and
-* ``per_chunk``: bytes per image and chunk (state frames, the readout).
+* ``per_chunk``: bytes per image and chunk (state frames, the readout), and
+* ``chunk_fixed``: bytes per chunk whatever the batch (under bf16 autocast, the bf16
+  copies of the weights each chunk's layers keep).
 
 What is modelled on top (:func:`peak_bytes`):
 
@@ -66,6 +68,7 @@ class Profile:
     precision: str
     per_step: int      # per image per timestep (per image for the ANN)
     per_chunk: int     # per image per chunk
+    chunk_fixed: int   # per chunk, whatever the batch (bf16 copies of the weights under autocast)
     param_bytes: int   # one copy of the parameters
     neurons: int       # spiking neurons per image (state: membrane + dt, fp32)
     widest: int        # values of the widest layer per image
@@ -90,7 +93,7 @@ def _saved_bytes(model, run) -> int:
 
 def measure(spec: ArchSpec, kind: str, precision: str = "fp32", device="cpu", leak: float = 0.99) -> Profile:
     """Measure ``kind`` (one of :data:`KINDS`) for ``spec`` with saved-tensor hooks on a
-    one-image run at T = 2 and 4 (one chunk each); ``infer`` saves nothing."""
+    run at (batch, T) = (1, 2), (1, 4), (2, 2), one chunk each; ``infer`` saves nothing."""
     from .gradients import Algorithm1
     from .models import ANN, SNN
 
@@ -103,24 +106,27 @@ def measure(spec: ArchSpec, kind: str, precision: str = "fp32", device="cpu", le
     if kind == "ann-train":
         model = ANN(spec).to(device).train()
         per_image = _saved_bytes(model, lambda: F.cross_entropy(model(x), y))
-        return Profile(spec.arch, kind, "fp32", per_image, 0, _param_bytes(model), 0, spec.widest_activation())
+        return Profile(spec.arch, kind, "fp32", per_image, 0, 0, _param_bytes(model), 0, spec.widest_activation())
     saved = {}
-    for T in (2, 4):
+    for B, T in ((1, 2), (1, 4), (2, 2)):
         model = SNN(spec, num_steps=T, leak=leak, precision=precision, chunk_steps=T).to(device)
         model.set_thresholds({n: 0.3 for n in model.neuron_names})
         model.train(kind == "snn-train")
+        xb, yb = x.expand(B, -1, -1, -1), y.expand(B)
         if kind == "alg1":
             source = Algorithm1(model)
-            saved[T] = _saved_bytes(model, lambda: source.first_layer_grad(x, y))
+            saved[B, T] = _saved_bytes(model, lambda: source.first_layer_grad(xb, yb))
         elif kind == "infer":
-            saved[T] = 0
+            saved[B, T] = 0
         else:
-            xg = x.clone().requires_grad_(kind == "bptt")
-            saved[T] = _saved_bytes(model, lambda: F.cross_entropy(model(xg), y))
-    per_step = (saved[4] - saved[2]) // 2
-    neurons = sum(_neurons(spec))
-    return Profile(spec.arch, kind, precision, per_step, max(0, saved[2] - 2 * per_step), _param_bytes(model),
-                   neurons, spec.widest_activation())
+            xg = xb.clone().requires_grad_(kind == "bptt")
+            saved[B, T] = _saved_bytes(model, lambda: F.cross_entropy(model(xg), yb))
+    # saved(B, T) = B (T per_step + per_chunk) + chunk_fixed, one chunk
+    per_step = (saved[1, 4] - saved[1, 2]) // 2
+    per_chunk = max(0, saved[2, 2] - saved[1, 2] - 2 * per_step)
+    fixed = max(0, saved[1, 2] - 2 * per_step - per_chunk)
+    return Profile(spec.arch, kind, precision, per_step, per_chunk, fixed, _param_bytes(model),
+                   sum(_neurons(spec)), spec.widest_activation())
 
 
 def _param_bytes(model) -> int:
@@ -160,7 +166,7 @@ def peak_bytes(profile: Profile, batch: int, timesteps: int, chunk: int) -> int:
     if profile.kind == "ann-train":
         return static + batch * profile.per_step
     chunks = math.ceil(timesteps / chunk)
-    saved = batch * (timesteps * profile.per_step + chunks * profile.per_chunk)
+    saved = batch * (timesteps * profile.per_step + chunks * profile.per_chunk) + chunks * profile.chunk_fixed
     state = batch * profile.neurons * 8
     transient = chunk * batch * profile.widest * TRANSIENT_BYTES[profile.kind != "infer"]
     return static + saved + state + transient
@@ -212,9 +218,12 @@ _PROFILES: dict = {}
 
 
 def _profile(spec: ArchSpec, kind: str, precision: str) -> Profile:
-    key = (spec.to_dict().__repr__(), kind, precision)
+    """:func:`measure`, once per process, leaving the global RNG as it was (an attack
+    that plans its pieces draws the same random numbers afterwards)."""
+    key = (repr(spec.to_dict()), kind, precision)
     if key not in _PROFILES:
-        _PROFILES[key] = measure(spec, kind, precision)
+        with torch.random.fork_rng(devices=[]):
+            _PROFILES[key] = measure(spec, kind, precision)
     return _PROFILES[key]
 
 
