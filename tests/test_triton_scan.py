@@ -241,3 +241,24 @@ def test_the_comparison_fails_when_the_kernel_does_not_run(monkeypatch, capsys):
         scan.lif_scan(torch.rand(3, 8), torch.zeros(8), torch.full((8,), 1000.0), 0.9, 1.0, False,
                       namespace["SpikeTime"](), backend="triton")
     assert scan.runs_since(before) == {"forward:triton-failed": 1}
+
+
+def test_forward_kernel_keeps_no_spike_copy_without_a_gradient(monkeypatch):
+    """Without autograd the forward kernel is told not to write the uint8 spikes (and no
+    T x N uint8 tensor is allocated); with it, it writes them for backward."""
+    pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
+    from snnadv.kernels import triton_scan
+    from snnadv.neurons import SpikeTime
+
+    seen = []
+
+    def record(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem, keep_bits):
+        seen.append((keep_bits, tuple(bits.shape), bits.dtype))
+
+    monkeypatch.setattr(triton_scan, "_interpreting", lambda: True)
+    monkeypatch.setattr(triton_scan, "_launch_forward", record)
+    args = (torch.zeros(1000), torch.full((1000,), 1000.0), 0.9, 1.0, False, SpikeTime())
+    with torch.no_grad():
+        triton_scan.TritonLIFScan.apply(torch.rand(7, 1000), *args)
+    triton_scan.TritonLIFScan.apply(torch.rand(7, 1000, requires_grad=True), *args)
+    assert seen == [(False, (7, 1000), torch.float32), (True, (7, 1000), torch.uint8)]
