@@ -180,7 +180,8 @@ def _paper_section(d: dict, reporter: Reporter) -> list[str]:
     if t1 is None:
         return lines + [f"The paper has no tables for {info.get('arch')} on {info.get('dataset')}.", ""]
     ours = table_rows(d)
-    theirs = table_rows({**({"table1": t1} if "table1" in d else {}), **({"table2": t2} if t2 and "table2" in d else {})})
+    theirs = table_rows({**({"table1": t1} if "table1" in d else {}),
+                         **({"table2": t2} if t2 and "table2" in d else {})})
     for key, (header, rows) in theirs.items():
         merged = [[o[0]] + [f"{a} / {b}" for a, b in zip(o[1:], p[1:])] for o, p in zip(ours[key][1], rows)]
         lines += [f"**{TITLES[key]}**", ""] + md_table(header, merged)
