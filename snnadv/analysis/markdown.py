@@ -133,6 +133,13 @@ def _stage_section(items: list[tuple[Path, dict]], base: Path) -> list[str]:
     return lines + [""]
 
 
+def _acc(d: dict):
+    """An accuracy with its interval (and spread over draws) when the result has them."""
+    from ..robustness import cell_text
+
+    return cell_text(d) if "mean" in d else None
+
+
 def _attack_section(items: list[tuple[Path, dict]], base: Path) -> list[str]:
     rows = []
     for path, d in items:
@@ -141,10 +148,10 @@ def _attack_section(items: list[tuple[Path, dict]], base: Path) -> list[str]:
         rows.append([_rel(path, base), d.get("mode"), str(d.get("attack", "")).upper(), d.get("eps"),
                      f"{s.get('stage')} `{Path(str(s.get('path'))).name}`",
                      f"{t.get('stage')} `{Path(str(t.get('path'))).name}`",
-                     d.get("gradient"), ca.get("mean"), aa.get("mean"), d.get("images"), d.get("eval_draws")])
+                     d.get("gradient"), _acc(ca), _acc(aa), d.get("images"), d.get("eval_draws")])
     lines = ["## Attacks (snnadv attack)", ""]
-    lines += md_table(["result", "mode", "attack", "eps", "source", "target", "gradient", "clean %", "adversarial %",
-                       "images", "draws"], rows)
+    lines += md_table(["result", "mode", "attack", "eps", "source", "target", "gradient", "clean % [95 % CI]",
+                       "adversarial % [95 % CI]", "images", "draws"], rows)
     for path, d in items:
         for role in ("source", "target"):
             info = d.get(role) or {}
