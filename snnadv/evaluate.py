@@ -4,7 +4,10 @@ An SNN's output depends on the random input spikes, so one evaluation is one
 sample of a random variable.  :func:`accuracy` evaluates ``draws`` times with
 independent encoder randomness (a dedicated :class:`torch.Generator`, so the
 numbers do not depend on what else used the global RNG) and reports the mean and
-the spread; ``draws=1`` is the paper's single number.
+the spread; ``draws=1`` is the paper's single number.  :func:`correctness` keeps
+which images each draw gets right, so accuracies get intervals over images and two
+models scored on the same images can be compared image by image
+(:mod:`snnadv.stats`).
 """
 
 from __future__ import annotations
