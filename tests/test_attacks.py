@@ -199,6 +199,9 @@ def test_cli_attack_json_and_errors(tiny_models, shared_data, tmp_path, capsys):
     assert r["mode"] == "blackbox" and r["gradient"] == "autograd"
     assert r["eps"] == pytest.approx(8 / 255) and r["max_linf"] <= 8 / 255 + 1e-6
     assert len(r["adv_acc"]["draws"]) == 2 and r["source"]["sha256"] and r["target"]["sha256"]
+    lo, hi = r["adv_acc"]["ci95"]
+    assert lo <= r["adv_acc"]["mean"] <= hi and len(r["adv_acc"]["correct"]) == 2
+    assert r["adv_minus_clean"]["diff"] == pytest.approx(r["adv_acc"]["mean"] - r["clean_acc"]["mean"])
     # an SNN source with EOT: the gradient averages 2 encoder draws and says so
     eot_out = tmp_path / "eot.json"
     assert main(["attack", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--test-subset", "10",
