@@ -12,8 +12,9 @@ By default the architecture is swapped for ``tiny`` so that the paper's timestep
 in CI: at T = 2500 a VGG11 SNN runs ~35 frames/s on a busy 2-core CPU at batch 1
 (~130 when idle), so converting it alone takes minutes.  ``SNNADV_PAPER_ARCH=1``
 keeps each config's own architecture and divides every timestep setting by
-:data:`T_DIVISOR` instead (2500 -> 100, 100 -> 4, 200 -> 8; the deep nets' layers
-still receive spikes after one training step): several minutes per config.
+:data:`T_DIVISOR` instead (2500 -> 250, 100 -> 10, 200 -> 20; at T = 100 the deepest
+layers of a ResNet20 trained for one step receive no spikes to balance on): several
+minutes per config.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from conftest import shared_root
 
 CONFIGS = {"vgg5_cifar10": "cifar10-mini", "resnet20_cifar10": "cifar10-mini", "vgg11_cifar100": "cifar100-mini"}
 PAPER_ARCH = os.environ.get("SNNADV_PAPER_ARCH") == "1"
-T_DIVISOR = 25 if PAPER_ARCH else 1
+T_DIVISOR = 10 if PAPER_ARCH else 1
 
 #: what is shrunk, section by section (sizes and attack budgets only)
 SMALL = {
