@@ -145,18 +145,23 @@ def load_split(
     """Load one split of CIFAR-10/100 from ``data_dir`` onto ``device``.
 
     The layout is detected: an ImageFolder tree (``train/`` and ``test/`` with one
-    folder of PNGs per class) or torchvision's official files (fetched first when
-    ``download`` is true).  ``subset`` keeps a class-balanced subset
-    (:meth:`Split.subset`).  Raises :class:`DataError` for missing or malformed data.
+    folder of PNGs per class) or torchvision's official files.  When ``data_dir``
+    holds neither (or does not exist) and ``download`` is true, torchvision's files
+    are fetched once into :func:`download_dir` and read from there (never written
+    into ``data_dir``).  ``subset`` keeps a class-balanced subset
+    (:meth:`Split.subset`), the same one on every run.  Raises :class:`DataError`
+    for missing or malformed data.
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r} (choose {', '.join(DATASETS)})")
     root = Path(data_dir).expanduser()
     if not root.exists():
-        if download:
-            split = _load_torchvision(dataset, root, train, download=True)
-        else:
-            raise DataError(f"data directory '{root}' does not exist")
+        if not download:
+            raise DataError(
+                f"data directory '{root}' does not exist: give the data with --data-dir DIR, "
+                f"or add --download to fetch {_DISPLAY[dataset]} (once, into {download_dir()})"
+            )
+        split = _load_torchvision(dataset, download_dir(), train, download=True)
     elif not root.is_dir():
         raise DataError(f"data directory '{root}' is not a directory")
     else:
@@ -168,13 +173,15 @@ def load_split(
                     f"incomplete ImageFolder tree in '{root}': folder '{missing}' is missing"
                 )
             split = _load_imagefolder(dataset, root, train)
-        elif (root / _TV_FOLDER[dataset]).is_dir() or download:
+        elif (root / _TV_FOLDER[dataset]).is_dir():
             split = _load_torchvision(dataset, root, train, download=download)
+        elif download:
+            split = _load_torchvision(dataset, download_dir(), train, download=True)
         else:
             raise DataError(
                 f"no {_DISPLAY[dataset]} data in '{root}': expected {root}/train/<class>/*.png "
                 f"and {root}/test/<class>/*.png (ImageFolder) or {root}/{_TV_FOLDER[dataset]} "
-                "(torchvision; pass --download to fetch it)"
+                f"(torchvision); or add --download to fetch it (once, into {download_dir()})"
             )
     if subset is not None:
         split = split.subset(subset)
@@ -191,7 +198,7 @@ def load_dataset(
 ) -> tuple[Split, Split]:
     """Load ``(train, test)`` splits; see :func:`load_split`."""
     train = load_split(dataset, data_dir, True, device, train_subset, download)
-    test = load_split(dataset, data_dir, False, device, test_subset, download=False)
+    test = load_split(dataset, data_dir, False, device, test_subset, download)
     return train, test
 
 
@@ -322,6 +329,11 @@ def _load_torchvision(dataset: str, root: Path, train: bool, download: bool) -> 
 def _cache_dir() -> Path:
     env = os.environ.get("SNNADV_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "snnadv"
+
+
+def download_dir() -> Path:
+    """Where ``--download`` puts torchvision's official CIFAR files (inside the cache)."""
+    return _cache_dir() / "downloads"
 
 
 def _cache_path(

@@ -8,6 +8,10 @@ Terms (paper Sec. 4.1-4.2):
 * An SNN source needs a gradient path: ``alg1`` (paper Algorithm 1) or ``bptt``
   (straight-through BPTT); see :mod:`snnadv.gradients`.  The report names it.
 * SNN accuracies are means over ``eval_draws`` encoder draws (spread reported).
+* Every accuracy keeps its per-image correctness (per draw), so each carries a
+  95 % Wilson interval and each difference the paper draws (Table 1's Δ, SNN-BP vs
+  SNN-conv vs ANN under one blackbox attack, Table 2's ANN- vs SNN-crafted inputs)
+  a paired test on the same images (:mod:`snnadv.stats`, :func:`comparisons`).
 
 :func:`run_table` crafts each adversarial set once and evaluates it on every
 target that needs it (the blackbox ANN-II sets serve Table 1 and Table 2).
@@ -25,9 +29,10 @@ from .checkpoint import build_model, file_hash, load_checkpoint
 from .config import resolve_device
 from .data import load_split, to_float
 from .errors import SnnadvError
-from .evaluate import accuracy_on, is_snn
+from .evaluate import accuracy_on, decode_correct, is_snn
 from .gradients import make_gradient
 from .report import Reporter, atomic_write_text, write_json
+from .stats import compare
 
 KINDS = ("ann", "snn-conv", "snn-bp")
 
@@ -123,8 +128,8 @@ def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
         x_adv = craft(attack, images, labels, cfg["batch_size"], adv, targets)
     craft_s = time.perf_counter() - t0
     draws, bs = int(cfg["eval_draws"]), cfg["batch_size"]
-    clean = accuracy_on(target, images, labels, bs, draws, cfg["seed"])
-    adv_acc = accuracy_on(target, x_adv, labels, bs, draws, cfg["seed"])
+    clean = accuracy_on(target, images, labels, bs, draws, cfg["seed"], per_sample=True)
+    adv_acc = accuracy_on(target, x_adv, labels, bs, draws, cfg["seed"], per_sample=True)
     linf = (x_adv - images).abs().amax().item()
     result = {
         "attack": cfg["attack"], **{k: v for k, v in settings.items() if k != "warnings"},
@@ -135,12 +140,13 @@ def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
         float((_predict(target, x_adv, bs, cfg["seed"]) == targets).float().mean() * 100),
         "config": cfg, "warnings": settings["warnings"],
     }
-    pm = "±"
+    diff = compare(decode_correct(adv_acc["correct"]), decode_correct(clean["correct"]), cfg["seed"])
+    result["adv_minus_clean"] = diff
     reporter.table(f"{result['mode']} {cfg['attack'].upper()} eps={settings['eps']:.4f}: "
                    f"{src_info['stage']} ({gradient.name}) -> {tgt_info['stage']}",
-                   ["target", "clean %", "adversarial %", "images", "draws"],
-                   [[tgt_info["stage"], f"{clean['mean']:.2f}{pm}{clean['std']:.2f}",
-                     f"{adv_acc['mean']:.2f}{pm}{adv_acc['std']:.2f}", len(images), draws]])
+                   ["target", "clean %", "adversarial %", "Δ (paired)", "images", "draws"],
+                   [[tgt_info["stage"], cell_text(clean), cell_text(adv_acc), delta_text(diff), len(images), draws]])
+    reporter.print(SIGNIFICANCE_NOTE)
     out = Path(cfg["out"] or "runs/attack.json")
     write_json(out if out.suffix == ".json" else out / "attack.json", result)
     return result
@@ -205,7 +211,7 @@ def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
         return cache[(source_key, attack_name)]
 
     def acc(target_key: str, x: torch.Tensor) -> dict:
-        return accuracy_on(models[target_key], x, labels, bs, draws, seed)
+        return accuracy_on(models[target_key], x, labels, bs, draws, seed, per_sample=True)
 
     result = {"settings": {k: v for k, v in settings.items() if k != "warnings"}, "gradient": cfg["gradient"],
               "eval_draws": draws, "images": len(images), "models": infos, "config": cfg}
@@ -219,6 +225,7 @@ def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
     if "2" in [str(t) for t in cfg["tables"]]:
         result["table2"] = {a: {s + "_ii": {t: acc(t, adversarial(s + "_ii", a)) for t in roles} for s in roles}
                             for a in ("fgsm", "pgd")}
+    result["comparisons"] = comparisons(result, seed)
     _print_tables(result, reporter)
     out = Path(cfg["out"] or "runs/table")
     out = out.parent / out.stem if out.suffix else out
@@ -229,12 +236,84 @@ def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
     return result
 
 
-def _m(d: dict) -> float:
-    return d["mean"]
+SIGNIFICANCE_NOTE = ("Accuracy: mean % [95 % Wilson interval over images]; SNNs over several encoder draws also "
+                     "± std (min–max) over draws. Δ: paired difference in points [95 % paired bootstrap interval]; "
+                     "* = significant at 5 % (exact McNemar test on per-image correctness, majority over draws).")
 
 
-def _cell(d: dict) -> str:
-    return f"{d['mean']:.1f}" if d["std"] == 0 else f"{d['mean']:.1f}±{d['std']:.1f}"
+def _pair(a: tuple, b: tuple, label: str) -> dict:
+    return {"label": label, "a": list(a), "b": list(b)}
+
+
+def comparison_pairs(result: dict) -> list[dict]:
+    """The paired comparisons the paper draws, as (cell A, cell B): A − B is reported.
+
+    Table 1: Δ = SNN-BP − ANN in every row (the paper's Δ), and in the blackbox
+    columns SNN-BP − SNN-conv (is SNN-BP the highest?) and SNN-conv − ANN (are they
+    about equal?).  Table 2: for every target, accuracy under SNN-crafted minus under
+    ANN-crafted inputs (positive = the ANN-crafted attack is the stronger one).
+    A cell is its path in the result, e.g. ``("table1", "blackbox", "fgsm", "snn_bp")``.
+    """
+    pairs = []
+    if "table1" in result:
+        pairs.append(_pair(("table1", "clean", "snn_bp"), ("table1", "clean", "ann"), "Table 1 clean: SNN-BP − ANN"))
+        for mode in ("whitebox", "blackbox"):
+            for a in ("fgsm", "pgd"):
+                cell = lambda r: ("table1", mode, a, r)  # noqa: E731
+                name = f"Table 1 {mode} {a.upper()}"
+                pairs.append(_pair(cell("snn_bp"), cell("ann"), f"{name}: SNN-BP − ANN (Δ)"))
+                if mode == "blackbox":
+                    pairs.append(_pair(cell("snn_bp"), cell("snn_conv"), f"{name}: SNN-BP − SNN-conv"))
+                    pairs.append(_pair(cell("snn_conv"), cell("ann"), f"{name}: SNN-conv − ANN"))
+    if "table2" in result:
+        for a in ("fgsm", "pgd"):
+            for t in ROLES:
+                for s in ("snn_conv", "snn_bp"):
+                    pairs.append(_pair(("table2", a, s + "_ii", t), ("table2", a, "ann_ii", t),
+                                       f"Table 2 {a.upper()} on {ROLES[t]}-I: {ROLES[s]}-II-crafted − "
+                                       f"ANN-II-crafted"))
+    return pairs
+
+
+def cell_at(result: dict, path) -> dict:
+    d = result
+    for k in path:
+        d = d[k]
+    return d
+
+
+def comparisons(result: dict, seed: int = 0) -> list[dict]:
+    """:func:`comparison_pairs` with their paired statistics (:func:`snnadv.stats.compare`)."""
+    out = []
+    for pair in comparison_pairs(result):
+        a, b = cell_at(result, pair["a"]), cell_at(result, pair["b"])
+        out.append({**pair, **compare(decode_correct(a["correct"]), decode_correct(b["correct"]), seed)})
+    return out
+
+
+def cell_text(d: dict) -> str:
+    """``mean [lo, hi]``, plus ``±std (min–max)`` over draws when there are several (older files: mean±std)."""
+    text = f"{d['mean']:.1f}"
+    if "ci95" in d:
+        text += f" [{d['ci95'][0]:.1f}, {d['ci95'][1]:.1f}]"
+    if len(d.get("draws") or []) > 1:
+        text += f" ±{d['std']:.1f}" + (f" ({d['min']:.1f}–{d['max']:.1f})" if "min" in d else "")
+    return text
+
+
+def delta_text(c: dict | None, plain: float | None = None) -> str:
+    """``+3.0* [+1.2, +4.8]`` for a comparison; the plain difference when there is none (older files)."""
+    if c is None:
+        return "—" if plain is None else f"{plain:+.1f}"
+    return f"{c['diff']:+.1f}{'*' if c['significant'] else ''} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+
+
+def find_comparison(result: dict, a: tuple, b: tuple) -> dict | None:
+    """The comparison of cell ``a`` with cell ``b`` in ``result`` (None when it has none)."""
+    for c in result.get("comparisons") or []:
+        if tuple(c["a"]) == a and tuple(c["b"]) == b:
+            return c
+    return None
 
 
 def table_rows(result: dict) -> dict:
@@ -243,30 +322,46 @@ def table_rows(result: dict) -> dict:
     roles = list(ROLES)
     if "table1" in result:
         t1 = result["table1"]
-        r = [["Clean"] + [_cell(t1["clean"][x]) for x in roles] + ["—"]
-             + [_cell(t1["clean"][x]) for x in roles] + ["—"]]
+
+        def delta(*path) -> str:
+            a, b = ("table1", *path, "snn_bp"), ("table1", *path, "ann")
+            found = find_comparison(result, a, b)
+            return delta_text(found, None if found or path == ("clean",) else
+                              cell_at(result, a)["mean"] - cell_at(result, b)["mean"])
+
+        r = [["Clean"] + [cell_text(t1["clean"][x]) for x in roles] + [delta("clean")]
+             + [cell_text(t1["clean"][x]) for x in roles] + [delta("clean")]]
         for a in ("fgsm", "pgd"):
             wb, bb = t1["whitebox"][a], t1["blackbox"][a]
-            r.append([a.upper()] + [_cell(wb[x]) for x in roles] + [f"{_m(wb['snn_bp']) - _m(wb['ann']):+.1f}"]
-                     + [_cell(bb[x]) for x in roles] + [f"{_m(bb['snn_bp']) - _m(bb['ann']):+.1f}"])
+            r.append([a.upper()] + [cell_text(wb[x]) for x in roles] + [delta("whitebox", a)]
+                     + [cell_text(bb[x]) for x in roles] + [delta("blackbox", a)])
         rows["table1"] = (["", "WB ANN", "WB SNN-conv", "WB SNN-BP", "WB Δ", "BB ANN", "BB SNN-conv",
                            "BB SNN-BP", "BB Δ"], r)
     if "table2" in result:
         t2 = result["table2"]
         header = ["source \\ target"] + [f"FGSM {ROLES[t]}-I" for t in roles] + [f"PGD {ROLES[t]}-I" for t in roles]
-        r = [[f"{ROLES[s]}-II"] + [_cell(t2["fgsm"][s + "_ii"][t]) for t in roles]
-             + [_cell(t2["pgd"][s + "_ii"][t]) for t in roles] for s in roles]
+        r = [[f"{ROLES[s]}-II"] + [cell_text(t2["fgsm"][s + "_ii"][t]) for t in roles]
+             + [cell_text(t2["pgd"][s + "_ii"][t]) for t in roles] for s in roles]
         rows["table2"] = (header, r)
+    if result.get("comparisons"):
+        rows["comparisons"] = (["comparison (A − B)", "Δ points", "95 % CI", "only A / only B right",
+                                "McNemar p", "significant"],
+                               [[c["label"], f"{c['diff']:+.1f}", f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]",
+                                 f"{c['only_a']} / {c['only_b']}", f"{c['p']:.3g}", "yes" if c["significant"] else "no"]
+                                for c in result["comparisons"]])
     return rows
 
 
 TITLES = {"table1": "Table 1: clean and adversarial accuracy (%), whitebox (WB) and blackbox (BB, crafted on ANN-II)",
-          "table2": "Table 2: blackbox accuracy (%), sources (II) x targets (I)"}
+          "table2": "Table 2: blackbox accuracy (%), sources (II) x targets (I)",
+          "comparisons": "Paired comparisons on the same test images"}
 
 
 def _print_tables(result: dict, reporter: Reporter) -> None:
     for key, (header, rows) in table_rows(result).items():
         reporter.table(TITLES[key], header, rows)
+    if result.get("comparisons"):
+        reporter.print(SIGNIFICANCE_NOTE)
 
 
 def tables_markdown(result: dict) -> str:
@@ -274,6 +369,8 @@ def tables_markdown(result: dict) -> str:
     lines = [f"eps = {s['eps']:.4f}, PGD alpha = {s['alpha']:.4f}, {s['steps']} steps, "
              f"random start: {s['random_start']}; SNN gradient: {result['gradient']}; "
              f"{result['images']} test images; SNN accuracies: mean over {result['eval_draws']} encoder draw(s)", ""]
+    if result.get("comparisons"):
+        lines += [SIGNIFICANCE_NOTE, ""]
     for key, (header, rows) in table_rows(result).items():
         lines += [f"**{TITLES[key]}**", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]

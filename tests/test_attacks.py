@@ -199,6 +199,9 @@ def test_cli_attack_json_and_errors(tiny_models, shared_data, tmp_path, capsys):
     assert r["mode"] == "blackbox" and r["gradient"] == "autograd"
     assert r["eps"] == pytest.approx(8 / 255) and r["max_linf"] <= 8 / 255 + 1e-6
     assert len(r["adv_acc"]["draws"]) == 2 and r["source"]["sha256"] and r["target"]["sha256"]
+    lo, hi = r["adv_acc"]["ci95"]
+    assert lo <= r["adv_acc"]["mean"] <= hi and len(r["adv_acc"]["correct"]) == 2
+    assert r["adv_minus_clean"]["diff"] == pytest.approx(r["adv_acc"]["mean"] - r["clean_acc"]["mean"])
     # an SNN source with EOT: the gradient averages 2 encoder draws and says so
     eot_out = tmp_path / "eot.json"
     assert main(["attack", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--test-subset", "10",
@@ -257,4 +260,9 @@ def test_table_complete(tiny_models, shared_data, tmp_path):
     assert t1["whitebox"]["pgd"]["ann"]["mean"] < t1["clean"]["ann"]["mean"]
     md = (tmp_path / "tables" / "tables.md").read_text()
     assert "Table 1" in md and "Table 2" in md and md.count("|") > 40
+    # every accuracy with its interval over the 40 images, every comparison with its paired test
+    assert t1["clean"]["ann"]["ci95"][0] <= t1["clean"]["ann"]["mean"] <= t1["clean"]["ann"]["ci95"][1]
+    assert len(t1["clean"]["snn_bp"]["correct"][0]) == 40
+    assert len(r["comparisons"]) == 21 and all(0 <= c["p"] <= 1 for c in r["comparisons"])
+    assert "McNemar" in md and "Paired comparisons" in md
     assert json.loads((tmp_path / "tables" / "tables.json").read_text())["images"] == 40

@@ -8,7 +8,9 @@ each kind it knows:
 * pipeline stages (``train-ann``, ``convert``, ``finetune`` metrics: ``stage`` +
   ``metrics``): one summary table (accuracy, epochs, checkpoint hash, parent);
 * attack results (``snnadv attack``): one table of clean / adversarial accuracy;
-* paper tables (``tables.json``; the ``tables.md`` beside it when present);
+* paper tables (``tables.json``; the ``tables.md`` beside it when present), then the
+  paper's own Tables 1 and 2 beside ours cell by cell and one line per claim of the
+  paper saying whether it holds on our models (:mod:`snnadv.paper`);
 * an ``evaluate`` section for every ``*evaluate*.md`` file (included as is);
 * every other JSON is listed with its top-level keys, so nothing is silently lost;
 * PNG figures not shown by a section above are listed at the end.
@@ -131,6 +133,13 @@ def _stage_section(items: list[tuple[Path, dict]], base: Path) -> list[str]:
     return lines + [""]
 
 
+def _acc(d: dict):
+    """An accuracy with its interval (and spread over draws) when the result has them."""
+    from ..robustness import cell_text
+
+    return cell_text(d) if "mean" in d else None
+
+
 def _attack_section(items: list[tuple[Path, dict]], base: Path) -> list[str]:
     rows = []
     for path, d in items:
@@ -139,10 +148,10 @@ def _attack_section(items: list[tuple[Path, dict]], base: Path) -> list[str]:
         rows.append([_rel(path, base), d.get("mode"), str(d.get("attack", "")).upper(), d.get("eps"),
                      f"{s.get('stage')} `{Path(str(s.get('path'))).name}`",
                      f"{t.get('stage')} `{Path(str(t.get('path'))).name}`",
-                     d.get("gradient"), ca.get("mean"), aa.get("mean"), d.get("images"), d.get("eval_draws")])
+                     d.get("gradient"), _acc(ca), _acc(aa), d.get("images"), d.get("eval_draws")])
     lines = ["## Attacks (snnadv attack)", ""]
-    lines += md_table(["result", "mode", "attack", "eps", "source", "target", "gradient", "clean %", "adversarial %",
-                       "images", "draws"], rows)
+    lines += md_table(["result", "mode", "attack", "eps", "source", "target", "gradient", "clean % [95 % CI]",
+                       "adversarial % [95 % CI]", "images", "draws"], rows)
     for path, d in items:
         for role in ("source", "target"):
             info = d.get(role) or {}
@@ -165,6 +174,30 @@ def _tables_section(path: Path, d: dict, base: Path) -> list[str]:
             lines += [f"(could not render: {type(e).__name__})", ""]
     lines += _inputs_lines(d.get("models") or {})
     return lines
+
+
+def _paper_section(d: dict, reporter: Reporter) -> list[str]:
+    """The paper's Tables 1 and 2 beside ours, cell by cell, and its claims judged on our tests."""
+    from ..paper import CITATION, claims, paper_tables
+    from ..robustness import TITLES, table_rows
+
+    t1, t2 = paper_tables(d)
+    info = (d.get("models") or {}).get("ann") or {}
+    lines = ["### Beside the paper", "", f"Paper: {CITATION}. Each cell: ours [95 % interval] / the paper's.", ""]
+    if t1 is None:
+        return lines + [f"The paper has no tables for {info.get('arch')} on {info.get('dataset')}.", ""]
+    ours = table_rows(d)
+    theirs = table_rows({**({"table1": t1} if "table1" in d else {}),
+                         **({"table2": t2} if t2 and "table2" in d else {})})
+    for key, (header, rows) in theirs.items():
+        merged = [[o[0]] + [f"{a} / {b}" for a, b in zip(o[1:], p[1:])] for o, p in zip(ours[key][1], rows)]
+        lines += [f"**{TITLES[key]}**", ""] + md_table(header, merged)
+    if "table2" in d and t2 is None:
+        lines += [f"The paper has no Table 2 for {info.get('arch')} on {info.get('dataset')}.", ""]
+    verdicts = claims(d)
+    for line in verdicts:
+        reporter.print(line)
+    return lines + ["The paper's claims on our models:", ""] + [f"- {line}" for line in verdicts] + [""]
 
 
 # --------------------------------------------------------------------------- the report
@@ -226,6 +259,10 @@ def build_report(run_dir, out=None, title: str | None = None, reporter: Reporter
         body += _attack_section(attacks, base)
     for p, d in tables:
         body += _tables_section(p, d, base)
+        try:
+            body += _paper_section(d, reporter)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # a malformed file is listed, not fatal
+            body += [f"(could not compare with the paper: {type(e).__name__})", ""]
     for p in evaluates:
         body += [f"## Evaluate ({_rel(p, base)})", "", p.read_text().strip(), ""]
     figures = sorted(p for p in root.rglob("*.png") if visible(p) and p.resolve() not in shown and not is_internal(p))
