@@ -165,20 +165,22 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     if isinstance(config, dict):
         check_tables(data, source)
     defaults = {**COMMON, **STAGES.get(stage, {})}
-    out = dict(defaults)
+    out, given = dict(defaults), set()
     for table in ("common", stage):
         for key, value in data.get(table, {}).items():
             key = key.replace("-", "_")
             if key in defaults:  # [common] may hold settings of other stages
                 out[key] = check_setting(stage, key, value, f" ([{table}] in {source})")
+                given.add(key)
     for key, value in (flags or {}).items():
         if value is not None and key != "config":
             if key not in defaults:
                 raise SnnadvError(f"unknown setting '{key}' for {stage}{_did_you_mean(key, defaults)}")
             out[key] = check_setting(stage, key, value)
+            given.add(key)
     parse_precision(out.get("precision"), several=stage == "bench")
-    check_cross(out)
     out["stage"] = stage
+    check_cross(out, given)
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
     return out
@@ -445,15 +447,20 @@ def check_setting(stage: str, key: str, value, where: str = ""):
         raise SnnadvError(f"{e}{where}") from None
 
 
-def check_cross(cfg: dict) -> None:
-    """Rules between settings of one stage (each setting is already in its own domain)."""
+def check_cross(cfg: dict, given=None) -> None:
+    """Rules between settings of one stage (each setting is already in its own domain).
+    ``given``: the keys set by a config or a flag (default: all)."""
+    given = cfg if given is None else given
     if cfg.get("milestones") and cfg.get("epochs"):
         bad = [m for m in cfg["milestones"] if not 1 <= m < cfg["epochs"]]
         if bad:
-            raise SnnadvError(f"milestones must be epochs in [1, {cfg['epochs']}) (--epochs {cfg['epochs']}), "
+            raise SnnadvError(f"milestones must be epochs in [1, {cfg['epochs']}) (epochs {cfg['epochs']}), "
                               f"got {bad[0]}")
-    if cfg.get("stage") == "analyze" and not cfg["lam_min"] < cfg["lam_max"]:
-        raise SnnadvError(f"lam-min must be below lam-max, got {cfg['lam_min']:g} >= {cfg['lam_max']:g}")
+    if cfg.get("stage") == "convert" and "curve" in given:
+        above = [t for t in cfg["curve"] if t > cfg["timesteps"]]
+        if above:
+            raise SnnadvError(f"curve point {above[0]} is above timesteps {cfg['timesteps']} (the curve is read "
+                              f"from one run of T steps: raise --timesteps or drop the point)")
 
 
 def check_positive(cfg: dict, *keys: str) -> None:
