@@ -338,7 +338,7 @@ class Setting:
         one = Setting(item, self.lo, self.hi, self.open_lo)
         for v in parsed:
             one._fraction(name, v) if item == "fraction" else one._number(name, v, v)
-        return list(parsed) if isinstance(value, str) and self.kind != "fractions" else value
+        return list(parsed) if not isinstance(value, (list, tuple)) and self.kind != "fractions" else value
 
 
 def _did_you_mean(word: str, known) -> str:
@@ -374,13 +374,13 @@ SCHEMA: dict = {
     "snn_conv_ii": _PATH, "snn_bp_ii": _PATH,
     # train-ann
     "arch": Setting("choice", choices=_ARCHS), "epochs": _I(1, MAX_EPOCHS),
-    "lr": Setting("float", 0, 100, open_lo=True, optional=True),
+    "lr": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "milestones": Setting("ints", 1, MAX_EPOCHS, optional=True), "momentum": _F(0, 1),
     "weight_decay": _F(0, 1), "input_bits": _BITS, "input_range": Setting("choice", choices=("unit", "signed")),
     "resume": _BOOL,
     # convert
     "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
-    "scale": Setting("float", 0, 100, open_lo=True, optional=True),
+    "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "balance": Setting("choice", choices=("all", "stem")), "curve": Setting("ints", 1, MAX_TIMESTEPS),
     "eval_batch_size": Setting("int", 1, MAX_BATCH, optional=True),
     # finetune
@@ -408,16 +408,16 @@ SCHEMA: dict = {
     "peak_tbps": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "chunk_steps": Setting("int", 1, MAX_TIMESTEPS, optional=True),
     # per-stage meanings of shared names
-    ("train-ann", "lr"): Setting("float", 0, 100, open_lo=True, optional=True),
+    ("train-ann", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
     ("train-ann", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
     ("convert", "timesteps"): _I(1, MAX_TIMESTEPS),
-    ("finetune", "lr"): Setting("float", 0, 100, open_lo=True),
+    ("finetune", "lr"): Setting("float", 0, 1e6, open_lo=True),
     ("attack", "alpha"): _ALPHA, ("table", "alpha"): _ALPHA, ("analyze", "alpha"): _ALPHA,
     ("evaluate", "alpha"): Setting("fraction", 0, 1, open_lo=True, optional=True),
     ("evaluate", "eps"): Setting("fractions", 0, 1),
     ("analyze", "timesteps"): Setting("ints", 1, MAX_TIMESTEPS, optional=True),
     ("analyze", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
-    ("analyze", "lr"): Setting("float", 0, 100, open_lo=True, optional=True),
+    ("analyze", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
     ("analyze", "surrogate"): Setting("choice", choices=_SURROGATES, optional=True),
     ("analyze", "attack"): Setting("choice", choices=("fgsm", "pgd")),
     ("bench", "arch"): Setting("choice", choices=_ARCHS, optional=True),
@@ -433,6 +433,8 @@ REPRODUCE = {"run_dir": Setting("path"), "seeds": Setting("ints", 0, MAX_SEED),
 
 
 def setting(stage: str, key: str) -> Setting | None:
+    if stage == "reproduce":
+        return REPRODUCE.get(key)
     return SCHEMA.get((stage, key)) or SCHEMA.get(key)
 
 
