@@ -169,8 +169,9 @@ def main(argv=None) -> int:
         cli.main(args=argv, prog_name="snnadv", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except click.exceptions.Abort as e:  # click's wrapper of Ctrl-C
+        cause = e.__cause__ or e.__context__
+        click.echo(f"interrupted; {cause}" if isinstance(cause, Interrupted) else "interrupted", err=True)
         return 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
