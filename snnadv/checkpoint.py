@@ -115,8 +115,7 @@ def _unreadable(path: Path, e: Exception) -> str:
     with open(path, "rb") as f:
         head = f.read(2)
     if zipfile.is_zipfile(path) or head == b"PK" or head[:1] == b"\x80":  # a torch zip or a legacy pickle
-        return (f"'{path}' is not a readable snnadv checkpoint: damaged, truncated, or holding data snnadv "
-                f"does not load (it may be unsafe)")
+        return f"'{path}' is not a readable snnadv checkpoint: damaged, truncated, or holding data snnadv does not load"
     return f"'{path}' is not a torch checkpoint (not a file written by snnadv)"
 
 

@@ -150,7 +150,7 @@ def check_tables(data: dict, source: str = "the config") -> None:
                 raise SnnadvError(f"unknown setting '{key}' in [{table}] of {source}"
                                   f"{_did_you_mean(key.replace('-', '_'), tables[table])} (known: {', '.join(known)})")
     for key, value in data.get("reproduce", {}).items():
-        check_setting("reproduce", key, value, f" ([reproduce] in {source})")
+        data["reproduce"][key] = check_setting("reproduce", key, value, f" ([reproduce] in {source})")
 
 
 def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | None = None) -> dict:
@@ -228,8 +228,9 @@ def _shown(value) -> str:
 
 def _num(x) -> str:
     """A number for messages: integers in full, other numbers short."""
-    return str(int(x)) if isinstance(x, (int, float)) and math.isfinite(x) and float(x).is_integer() \
-        and abs(x) < 1e16 else f"{x:.6g}"
+    if isinstance(x, int):
+        return str(x)
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() and abs(x) < 1e16 else f"{x:.6g}"
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ class Setting:
     open_lo: bool = False
     choices: tuple = ()
     optional: bool = False
+    as_list: bool = True  # ints/floats: hand a "a,b" string on as a list (False: as given)
 
     def check(self, name: str, value):
         """``value`` if it is valid (lists given as "a,b" strings become lists for ints/floats);
@@ -282,7 +284,8 @@ class Setting:
         if kind == "fraction":
             return self._fraction(name, value)
         if kind in ("names", "text"):  # a comma-separated string or a list of strings (or numbers)
-            items = value if isinstance(value, (list, tuple)) else [value]
+            items = value if isinstance(value, (list, tuple)) else list(value.values()) \
+                if kind == "text" and isinstance(value, dict) else [value]
             if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items) or (
                     kind == "names" and not isinstance(value, (str, list, tuple))):
                 raise SnnadvError(f"{name} must be a comma-separated string or a list, got {_shown(value)} "
@@ -338,7 +341,7 @@ class Setting:
         one = Setting(item, self.lo, self.hi, self.open_lo)
         for v in parsed:
             one._fraction(name, v) if item == "fraction" else one._number(name, v, v)
-        return list(parsed) if not isinstance(value, (list, tuple)) and self.kind != "fractions" else value
+        return list(parsed) if self.as_list and not isinstance(value, (list, tuple)) else value
 
 
 def _did_you_mean(word: str, known) -> str:
@@ -385,20 +388,23 @@ SCHEMA: dict = {
     "eval_batch_size": Setting("int", 1, MAX_BATCH, optional=True),
     # finetune
     "leak": _LEAK, "surrogate": Setting("choice", choices=_SURROGATES), "alpha": _POS(1e6),
-    "beta": _F(0, 1e6), "gamma": _POS(1e6), "lr_step": _I(1, MAX_EPOCHS), "lr_gamma": Setting("float", 0, 1, open_lo=True),
+    "beta": _F(0, 1e6), "gamma": _POS(1e6), "lr_step": _I(1, MAX_EPOCHS),
+    "lr_gamma": Setting("float", 0, 1, open_lo=True),
     # attack / table / analyze / evaluate
     "source": Setting("choice", choices=_KINDS), "target": Setting("choice", choices=_KINDS, optional=True),
     "attack": Setting("choice", choices=("fgsm", "pgd")), "eps": _EPS, "steps": _STEPS,
     "random_start": _BOOL, "gradient": Setting("choice", choices=("alg1", "bptt"), optional=True),
     "eot": _DRAWS, "eval_draws": _DRAWS, "targeted": _BOOL, "conv_timesteps": _T, "bp_timesteps": _T,
     "tables": Setting("names"), "model": Setting("choice", choices=("snn-bp", "snn-conv")),
-    "bits": Setting("text", optional=True), "leaks": Setting("floats", 0, 1, open_lo=True, optional=True),
-    "attacks": Setting("names"), "force": _BOOL, "ratios": Setting("floats", 0, 1e6, open_lo=True, optional=True),
+    "bits": Setting("text", optional=True),
+    "leaks": Setting("floats", 0, 1, open_lo=True, optional=True, as_list=False), "attacks": Setting("names"),
+    "force": _BOOL, "ratios": Setting("floats", 0, 1e6, open_lo=True, optional=True, as_list=False),
     "lam_min": Setting("float", 0, 1, open_lo=True), "lam_max": Setting("float", 0, 1, open_lo=True),
     "points": Setting("int", 1, MAX_STEPS, optional=True), "sim_steps": _STEPS, "threshold": _POS(1e6),
     "reset": Setting("choice", choices=("zero", "subtract")), "image": _I(0, MAX_IMAGES),
     "suite": Setting("choice", choices=("paper", "adaptive", "full")), "paths": Setting("names"),
-    "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS, "sweep_eps": Setting("fractions", 0, 1),
+    "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,
+    "sweep_eps": Setting("fractions", 0, 1, as_list=False),
     "sweep_steps": _STEPS, "slope": _POS(1e6), "library": _BOOL,
     "flag_tol": Setting("float", 0, 100, optional=True), "zero_tol": _F(0, 100), "stat_images": _I(1, MAX_IMAGES),
     # bench (workload=T pairs and lists are parsed by snnadv.bench)
@@ -414,8 +420,8 @@ SCHEMA: dict = {
     ("finetune", "lr"): Setting("float", 0, 1e6, open_lo=True),
     ("attack", "alpha"): _ALPHA, ("table", "alpha"): _ALPHA, ("analyze", "alpha"): _ALPHA,
     ("evaluate", "alpha"): Setting("fraction", 0, 1, open_lo=True, optional=True),
-    ("evaluate", "eps"): Setting("fractions", 0, 1),
-    ("analyze", "timesteps"): Setting("ints", 1, MAX_TIMESTEPS, optional=True),
+    ("evaluate", "eps"): Setting("fractions", 0, 1, as_list=False),
+    ("analyze", "timesteps"): Setting("ints", 1, MAX_TIMESTEPS, optional=True, as_list=False),
     ("analyze", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
     ("analyze", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
     ("analyze", "surrogate"): Setting("choice", choices=_SURROGATES, optional=True),

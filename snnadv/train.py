@@ -178,8 +178,8 @@ def check_resume_settings(out: Path, then: dict, now: dict) -> None:
     """``--resume`` only with the settings the checkpoint was started with: one line
     listing every difference (a setting the checkpoint did not record is not compared)."""
     short = lambda v: f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else v  # noqa: E731 (a sha256)
-    diff = [f"{k} differ" if isinstance(now[k], dict) and k != "surrogate" else f"{k} {short(then[k])} (now {short(now[k])})"
-            for k in now if k in then and then[k] != now[k]]
+    diff = [f"{k} differ" if isinstance(now[k], dict) and k != "surrogate"
+            else f"{k} {short(then[k])} (now {short(now[k])})" for k in now if k in then and then[k] != now[k]]
     if diff:
         raise CheckpointError(f"--resume: '{out}' was started with other settings: {', '.join(diff)}; "
                               f"give the same ones to continue it, or another --out for a new run")
