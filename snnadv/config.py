@@ -7,8 +7,12 @@ table, read by every stage, and one table per stage named like the subcommand
     defaults (below)  <  [common]  <  [stage]  <  command-line flags
 
 Relative paths in a config (``data_dir``, ``out``, checkpoints) are taken relative
-to the current directory, as on the command line.  An unknown key is an error, so
-a typo never silently falls back to a default.
+to the current directory, as on the command line.  An unknown table or key is an
+error (with a did-you-mean), so a typo never silently falls back to a default.
+
+Every setting has a type and a domain in :data:`SCHEMA` (finite, sign, integer-ness,
+bounds, choices); :func:`resolve` checks config values and flags where they come in,
+so library code receives only values in their domains.
 """
 
 from __future__ import annotations
@@ -260,7 +264,7 @@ class Setting:
             raise SnnadvError(f"{name} needs a value")
         kind = self.kind
         if kind in ("int", "float"):
-            return self._number(name, value, value)
+            return self._number(name, value)
         if kind == "bool":
             if not isinstance(value, bool):
                 raise SnnadvError(f"{name} must be true or false, got {_shown(value)} ({_kind(value)})")
@@ -293,11 +297,11 @@ class Setting:
             return value
         raise AssertionError(kind)
 
-    def _number(self, name: str, value, shown):
-        integer = self.kind == "int" or self.kind == "ints"
+    def _number(self, name: str, value):
+        integer = self.kind == "int"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
             what = "an integer" if integer else "a number"
-            raise SnnadvError(f"{name} must be {what}, got {_shown(shown)} ({_kind(shown)})")
+            raise SnnadvError(f"{name} must be {what}, got {_shown(value)} ({_kind(value)})")
         if not math.isfinite(value):
             raise SnnadvError(f"{name} must be a finite number, got {value}")
         lo, hi = self.lo, self.hi
@@ -320,7 +324,7 @@ class Setting:
             x = float(num) / float(den) if den else float(num)
         except (ValueError, ZeroDivisionError):
             raise SnnadvError(f"{name} must be a number or a fraction like 8/255, got {_shown(value)}") from None
-        Setting("float", self.lo, self.hi, self.open_lo)._number(name, x, x)
+        Setting("float", self.lo, self.hi, self.open_lo)._number(name, x)
         return value
 
     def _list(self, name: str, value):
@@ -340,7 +344,7 @@ class Setting:
                               f"({_kind(value)})")
         one = Setting(item, self.lo, self.hi, self.open_lo)
         for v in parsed:
-            one._fraction(name, v) if item == "fraction" else one._number(name, v, v)
+            one._fraction(name, v) if item == "fraction" else one._number(name, v)
         return list(parsed) if self.as_list and not isinstance(value, (list, tuple)) else value
 
 
@@ -460,9 +464,10 @@ def check_cross(cfg: dict, given=None) -> None:
     ``given``: the keys set by a config or a flag (default: all)."""
     given = cfg if given is None else given
     if cfg.get("milestones") and cfg.get("epochs"):
-        bad = [m for m in cfg["milestones"] if not 1 <= m < cfg["epochs"]]
+        # (a milestone at the last epoch takes effect when the run is extended with --resume)
+        bad = [m for m in cfg["milestones"] if not 1 <= m <= cfg["epochs"]]
         if bad:
-            raise SnnadvError(f"milestones must be epochs in [1, {cfg['epochs']}) (epochs {cfg['epochs']}), "
+            raise SnnadvError(f"milestones must be epochs in [1, {cfg['epochs']}] (epochs {cfg['epochs']}), "
                               f"got {bad[0]}")
     if cfg.get("stage") == "convert" and "curve" in given:
         above = [t for t in cfg["curve"] if t > cfg["timesteps"]]

@@ -192,7 +192,7 @@ CONFIG_CASES = [
     ("[train-ann]\narch = [\"tiny\"]\n", ["arch", "['tiny']", "a list"]),
     ("[train-ann]\nlr = nan\n", ["lr", "finite"]),
     ("[train-ann]\nlr = inf\n", ["lr", "finite"]),
-    ("[train-ann]\nmilestones = 5\nepochs = 5\n", ["milestones", "5"]),
+    ("[train-ann]\nmilestones = 6\nepochs = 5\n", ["milestones", "6"]),
     ("[train-ann]\nresume = 1\n", ["resume", "true or false"]),
     ("train-ann = 3\n", ["train-ann", "table"]),
     ("[train-ann]\nepochs = \n", ["not valid TOML"]),
