@@ -5,17 +5,25 @@ flags, see :mod:`snnadv.config`) and calls the library.  Every error a user can
 cause ends as one line on stderr and a non-zero exit:
 
 * :class:`snnadv.errors.SnnadvError` and Click usage errors: exit 2;
-* Ctrl-C: exit 130, with the last completed epoch's checkpoint left in place.
+* Ctrl-C: exit 130, with the last completed epoch's checkpoint left in place (a
+  training run says which epoch is saved where);
+* anything else is a bug: one line naming the file its traceback was saved to, exit 1.
+
+Library warnings (:class:`snnadv.errors.SnnadvWarning`) print as one ``warning:`` line.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import traceback
+import warnings
 
 import click
 
 from snnadv import __version__
-from snnadv.errors import SnnadvError
+from snnadv.errors import Interrupted, SnnadvError, SnnadvWarning
 
 from .options import common_options, flags
 
@@ -66,8 +74,6 @@ def train_ann(**kw):
     from snnadv.config import resolve
     from snnadv.train import train_ann as run
 
-    if kw.get("milestones"):
-        kw["milestones"] = _int_list(kw["milestones"], "--milestones")
     run(resolve("train-ann", kw.get("config"), flags(kw)))
 
 
@@ -85,8 +91,6 @@ def convert(**kw):
     from snnadv.config import resolve
     from snnadv.convert import convert as run
 
-    if kw.get("curve"):
-        kw["curve"] = _int_list(kw["curve"], "--curve")
     run(resolve("convert", kw.get("config"), flags(kw)))
 
 
@@ -140,21 +144,36 @@ def bench(**kw):
     run(resolve_bench(kw.get("config"), flags(kw)))
 
 
-def _int_list(text: str, name: str) -> list[int]:
-    try:
-        return [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise SnnadvError(f"{name} takes comma-separated integers, got '{text}'") from None
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Library warnings (:class:`SnnadvWarning`) as one ``warning:`` line; others as Python shows them."""
+    if issubclass(category, SnnadvWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _save_traceback(exc: BaseException) -> str:
+    """Write the traceback of an unexpected error to a file in the temp dir; its path."""
+    fd, path = tempfile.mkstemp(prefix="snnadv-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"snnadv {__version__}, python {sys.version.split()[0]}\nargv: {sys.argv}\n\n")
+        traceback.print_exception(exc, file=f)
+    return path
 
 
 def main(argv=None) -> int:
     """Entry point: run the CLI, turning every user error into one line and an exit code."""
+    warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="snnadv", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except click.exceptions.Abort as e:  # click's wrapper of Ctrl-C
+        cause = e.__cause__ or e.__context__
+        click.echo(f"interrupted; {cause}" if isinstance(cause, Interrupted) else "interrupted", err=True)
         return 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
@@ -162,9 +181,22 @@ def main(argv=None) -> int:
     except SnnadvError as e:
         click.echo(f"error: {e}", err=True)
         return 2
+    except Interrupted as e:
+        click.echo(f"interrupted; {e}", err=True)
+        return 130
     except KeyboardInterrupt:
         click.echo("interrupted: the last completed epoch's checkpoint is intact (continue with --resume)", err=True)
         return 130
+    except Exception as e:  # a bug: one line, the traceback in a file
+        what = " ".join(str(e).split())[:200] or type(e).__name__
+        try:
+            where = f"the traceback is in {_save_traceback(e)}"
+        except OSError:
+            where = "the traceback could not be saved"
+        click.echo(f"error: unexpected {type(e).__name__}: {what} (an snnadv bug; {where})", err=True)
+        return 1
+    finally:
+        warnings.showwarning = _python_showwarning
     return 0
 
 

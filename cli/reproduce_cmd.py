@@ -12,7 +12,7 @@ from .main import cli
 @click.option("--run-dir", type=click.Path(), help="Where every output goes (default: [reproduce] run_dir or runs/<config name>).")
 @click.option("--only", multiple=True, help="Run only this stage (repeatable); its inputs must be done.")
 @click.option("--from", "start", help="Run from this stage on (earlier completed stages are re-used).")
-@click.option("--max-stages", type=int, help="Stop after running this many stages (continue later).")
+@click.option("--max-stages", type=click.IntRange(min=0), help="Stop after running this many stages (continue later).")
 @click.option("--device", help="auto | cpu | cuda.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def reproduce(config, run_dir, only, start, max_stages, device, quiet):

@@ -20,12 +20,23 @@ Fields:
 
 Writes are atomic (temporary file in the same folder, then ``os.replace``), so an
 interrupted write never leaves a half-written checkpoint in place of a good one.
+
+Both directions are checked (:func:`check_checkpoint`): a checkpoint whose fields are
+missing or ill-typed, whose spec is not a sane architecture (unknown layer kinds,
+non-positive or absurd sizes, more parameters than :data:`MAX_PARAMS`), whose weights
+are not finite or whose thresholds / neuron settings are out of their domain is
+neither written nor loaded: one line names the file and what was expected, before
+any model is allocated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,7 +44,8 @@ import torch
 from . import __version__
 from .errors import CheckpointError
 from .models import ANN, SNN, ArchSpec
-from .neurons import make_surrogate, surrogate_from_dict
+from .models.spec import _KIND
+from .neurons import SURROGATES, make_surrogate, surrogate_from_dict
 from .report import atomic_target
 
 FORMAT = "snnadv-checkpoint"
@@ -60,6 +72,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
     """Write ``ckpt`` to ``path`` atomically; returns the path."""
     path = Path(path)
     ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **ckpt}
+    check_checkpoint(ckpt, f"not writing '{path}'")
     with atomic_target(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)
         f.flush()
@@ -68,26 +81,158 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, stage: str | tuple | None = None) -> dict:
-    """Read a checkpoint (weights only); check its format and, if given, its stage."""
+    """Read a checkpoint (weights only); check its format, structure and values
+    (:func:`check_checkpoint`) and, if given, its stage."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' does not exist" if not path.exists()
+                              else f"checkpoint '{path}' is not a file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a torch file
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-        why = next((l for l in lines if "Unsupported global" in l or "error" in l.lower()), lines[0])
-        raise CheckpointError(f"'{path}' is not a readable snnadv checkpoint ({why[:200]})") from None
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, not a torch file, or pickled code
+        raise CheckpointError(_unreadable(path, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not an snnadv checkpoint")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"'{path}' was written by a newer snnadv (format {ckpt['format_version']})")
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' was written by a newer snnadv (format {version})")
+    check_checkpoint(ckpt, f"'{path}'")
     if stage is not None:
         wanted = (stage,) if isinstance(stage, str) else tuple(stage)
         if ckpt["stage"] not in wanted:
             raise CheckpointError(
                 f"'{path}' is an {ckpt['stage']} checkpoint; expected {' or '.join(wanted)}")
     return ckpt
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """Why ``torch.load`` refused ``path``, in words (never torch's advice to load unsafely)."""
+    if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        return (f"'{path}' is not an snnadv checkpoint: it holds pickled Python objects, which snnadv never "
+                f"loads (the file may be unsafe)")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(path) or head == b"PK" or head[:1] == b"\x80":  # a torch zip or a legacy pickle
+        return f"'{path}' is not a readable snnadv checkpoint: damaged, truncated, or holding data snnadv does not load"
+    return f"'{path}' is not a torch checkpoint (not a file written by snnadv)"
+
+
+#: architecture bounds a checkpoint's spec must keep (a spec beyond them is not a model
+#: snnadv wrote, and building it could allocate terabytes)
+MAX_WIDTH, MAX_KERNEL, MAX_PARAMS = 1 << 20, 64, 2_000_000_000
+_INT_FIELDS = {"cin": (1, MAX_WIDTH), "cout": (1, MAX_WIDTH), "fin": (1, MAX_WIDTH), "fout": (1, MAX_WIDTH),
+               "k": (1, MAX_KERNEL), "stride": (1, MAX_KERNEL), "pad": (0, MAX_KERNEL)}
+
+
+def _bad(where: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{where}: {what}")
+
+
+def _is_int(v, lo, hi) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_spec(spec, where: str) -> int:
+    """Check an architecture spec (plain dict) without building it; its parameter count."""
+    if not isinstance(spec, dict):
+        raise _bad(where, f"'spec' must be a table describing the architecture, got {type(spec).__name__}")
+    if not isinstance(spec.get("arch"), str):
+        raise _bad(where, "spec has no architecture name ('arch')")
+    for key, lo, hi in (("num_classes", 1, 100_000), ("in_channels", 1, 64), ("image_size", 1, 4096)):
+        if (key != "num_classes" and key not in spec):
+            continue
+        if not _is_int(spec.get(key), lo, hi):
+            raise _bad(where, f"spec {key} must be an integer in [{lo}, {hi}], got {spec.get(key)!r}")
+    layers = spec.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise _bad(where, "spec 'layers' must be a non-empty list")
+    params = 0
+    for i, rec in enumerate(layers):
+        if not isinstance(rec, dict) or rec.get("kind") not in _KIND:
+            kind = rec.get("kind") if isinstance(rec, dict) else rec
+            raise _bad(where, f"spec layer {i} has unknown kind {kind!r} (known: {', '.join(_KIND)})")
+        fields = {f.name: f for f in dataclasses.fields(_KIND[rec["kind"]])}
+        extra = set(rec) - set(fields) - {"kind"}
+        missing = [n for n, f in fields.items() if n not in rec and f.default is dataclasses.MISSING]
+        if extra or missing:
+            raise _bad(where, f"spec layer {i} ({rec['kind']}) has " + (
+                f"unknown field '{sorted(extra)[0]}'" if extra else f"no '{missing[0]}'"))
+        name = rec.get("name")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise _bad(where, f"spec layer {i} has an invalid name {name!r}")
+        for key, v in rec.items():
+            if key in _INT_FIELDS and not _is_int(v, *_INT_FIELDS[key]):
+                lo, hi = _INT_FIELDS[key]
+                raise _bad(where, f"layer {name}: {key} must be an integer in [{lo}, {hi}], got {v!r}")
+            if key == "p" and not (_is_num(v) and 0 <= v < 1):
+                raise _bad(where, f"layer {name}: dropout p must be in [0, 1), got {v!r}")
+        kind, g = rec["kind"], {**{n: f.default for n, f in fields.items()}, **rec}
+        if kind == "Conv":
+            params += g["cin"] * g["cout"] * g["k"] ** 2
+        elif kind == "Linear":
+            params += g["fin"] * g["fout"]
+        elif kind == "Block":
+            params += 9 * g["cout"] * (g["cin"] + g["cout"]) + g["cin"] * g["cout"]
+    if params > MAX_PARAMS:
+        raise _bad(where, f"its spec has {params:.3g} weights ({params * 4 / 1e9:.3g} GB); "
+                          f"more than {MAX_PARAMS:.0e} is not a model snnadv builds")
+    return params
+
+
+def check_checkpoint(ckpt: dict, where: str) -> None:
+    """The fields every stage reads, with sane types and values (no model is built).
+
+    ``where`` starts the message (e.g. the file name).  Weights must be finite; SNN
+    thresholds and the scale stored by ``convert`` finite and positive; the leak in
+    (0, 1]; timesteps a positive integer.
+    """
+    if ckpt.get("stage") not in STAGES:
+        raise _bad(where, f"'stage' must be one of {', '.join(STAGES)}, got {ckpt.get('stage')!r}")
+    from .data import DATASETS
+
+    if ckpt.get("dataset") not in DATASETS:
+        raise _bad(where, f"'dataset' must be one of {', '.join(DATASETS)}, got {ckpt.get('dataset')!r}")
+    check_spec(ckpt.get("spec"), where)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise _bad(where, "'state_dict' (the weights) is missing or empty")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise _bad(where, f"weight '{k}' is not a tensor")
+        # one reduction (NaN and inf survive a sum); the elementwise test only to confirm
+        if v.is_floating_point() and not math.isfinite(float(v.sum())) and not bool(torch.isfinite(v).all()):
+            raise _bad(where, f"weight '{k}' has non-finite values (NaN or inf): the model diverged")
+    model = ckpt.get("model", {})
+    if not isinstance(model, dict):
+        raise _bad(where, "'model' must be a table of model settings")
+    bits = model.get("input_bits")
+    if bits is not None and not _is_int(bits, 1, 8):
+        raise _bad(where, f"input_bits must be an integer from 1 to 8 or none, got {bits!r}")
+    if ckpt["stage"] == "ann":
+        return
+    thresholds = model.get("thresholds", {})
+    if not isinstance(thresholds, dict):
+        raise _bad(where, "'thresholds' must be a table of layer -> threshold")
+    for name, v in thresholds.items():
+        if not (_is_num(v) and v > 0):
+            raise _bad(where, f"threshold of {name} must be a finite positive number, got {v!r}")
+    for key, ok, domain in (("leak", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+                            ("finetune_scale", lambda v: _is_num(v) and v > 0, "finite and positive"),
+                            ("gain", lambda v: _is_num(v) and v > 0, "finite and positive"),
+                            ("num_steps", lambda v: _is_int(v, 1, 10 ** 6), "a positive integer")):
+        if key in model and not ok(model[key]):
+            raise _bad(where, f"{key} must be {domain}, got {model[key]!r}")
+    sur = model.get("surrogate")
+    name = sur.get("name") if isinstance(sur, dict) else sur
+    if sur is not None and (name not in SURROGATES or isinstance(sur, dict) and not all(
+            _is_num(v) for k, v in sur.items() if k != "name")):
+        raise _bad(where, f"surrogate must be one of {', '.join(SURROGATES)} with finite parameters, got {sur!r}")
 
 
 def model_settings(model) -> dict:

@@ -7,14 +7,22 @@ table, read by every stage, and one table per stage named like the subcommand
     defaults (below)  <  [common]  <  [stage]  <  command-line flags
 
 Relative paths in a config (``data_dir``, ``out``, checkpoints) are taken relative
-to the current directory, as on the command line.  An unknown key is an error, so
-a typo never silently falls back to a default.
+to the current directory, as on the command line.  An unknown table or key is an
+error (with a did-you-mean), so a typo never silently falls back to a default.
+
+Every setting has a type and a domain in :data:`SCHEMA` (finite, sign, integer-ness,
+bounds, choices); :func:`resolve` checks config values and flags where they come in,
+so library code receives only values in their domains.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
 import tomllib
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 from .errors import SnnadvError
 
@@ -110,44 +118,73 @@ def _all_keys() -> set:
 
 
 def read_config(path: str | Path | None) -> dict:
-    """Parse a TOML config; a missing or malformed file is a one-line error."""
+    """Parse a TOML config and check its tables and keys against the schema; a missing,
+    unreadable or malformed file, an unknown table or key is a one-line error."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise SnnadvError(f"config file '{path}' does not exist")
+        raise SnnadvError(f"config file '{path}' does not exist" if not path.exists()
+                          else f"config file '{path}' is not a file")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SnnadvError(f"config file '{path}' is not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise SnnadvError(f"config file '{path}' is not valid TOML ({e})") from None
+    except OSError as e:
+        raise SnnadvError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    check_tables(data, f"'{path}'")
+    return data
+
+
+def check_tables(data: dict, source: str = "the config") -> None:
+    """Every table of a config is known, and every key of it is a known setting of that table."""
+    tables = {"common": set(COMMON) | _all_keys(), "reproduce": set(REPRODUCE),
+              **{k: set(COMMON) | set(v) for k, v in STAGES.items()}}
+    for table, section in data.items():
+        if table not in tables:
+            raise SnnadvError(f"unknown table [{table}] in {source}{_did_you_mean(table, tables)} "
+                              f"(tables: {', '.join(tables)})")
+        if not isinstance(section, dict):
+            raise SnnadvError(f"[{table}] in {source} must be a table")
+        for key in section:
+            if key.replace("-", "_") not in tables[table]:
+                known = sorted(tables[table] - (_all_keys() - set(COMMON) if table == "common" else set()))
+                raise SnnadvError(f"unknown setting '{key}' in [{table}] of {source}"
+                                  f"{_did_you_mean(key.replace('-', '_'), tables[table])} (known: {', '.join(known)})")
+    for key, value in data.get("reproduce", {}).items():
+        data["reproduce"][key] = check_setting("reproduce", key, value, f" ([reproduce] in {source})")
 
 
 def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | None = None) -> dict:
     """The settings of ``stage``: defaults < config [common] < config [stage] < flags.
 
-    ``flags`` holds command-line values; ``None`` means "not given".
+    ``flags`` holds command-line values; ``None`` means "not given".  Every value is
+    checked against :data:`SCHEMA` (type and domain) where it comes in, so a bad one
+    is a one-line error naming the flag, or the table and file.
     """
     data = config if isinstance(config, dict) else read_config(config)
-    all_keys = _all_keys()
+    source = f"'{config}'" if isinstance(config, (str, Path)) else "the config"
+    if isinstance(config, dict):
+        check_tables(data, source)
     defaults = {**COMMON, **STAGES.get(stage, {})}
-    out = dict(defaults)
+    out, given = dict(defaults), set()
     for table in ("common", stage):
-        section = data.get(table, {})
-        if not isinstance(section, dict):
-            raise SnnadvError(f"[{table}] in the config must be a table")
-        for key, value in section.items():
+        for key, value in data.get(table, {}).items():
             key = key.replace("-", "_")
-            if key not in defaults:
-                if table == "common" and key in all_keys:
-                    continue  # [common] may hold settings of other stages
-                raise SnnadvError(f"unknown setting '{key}' in [{table}] (known: {', '.join(sorted(defaults))})")
-            out[key] = value
+            if key in defaults:  # [common] may hold settings of other stages
+                out[key] = check_setting(stage, key, value, f" ([{table}] in {source})")
+                given.add(key)
     for key, value in (flags or {}).items():
         if value is not None and key != "config":
-            out[key] = value
+            if key not in defaults:
+                raise SnnadvError(f"unknown setting '{key}' for {stage}{_did_you_mean(key, defaults)}")
+            out[key] = check_setting(stage, key, value)
+            given.add(key)
     parse_precision(out.get("precision"), several=stage == "bench")
     out["stage"] = stage
+    check_cross(out, given)
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
     return out
@@ -174,6 +211,271 @@ def parse_precision(value, several: bool = False) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# --------------------------------------------------------------------------- the typed schema
+#: sane upper bounds (a value beyond them is a typo or would not fit in memory or time)
+MAX_EPOCHS, MAX_TIMESTEPS, MAX_BATCH, MAX_IMAGES, MAX_DRAWS = 100_000, 100_000, 65_536, 100_000_000, 10_000
+MAX_STEPS = 1_000_000  # attack iterations, queries, simulated steps, points
+MAX_SEED = 2 ** 63 - 1
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def _kind(value) -> str:
+    """'a float', 'a string', ... for messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+             tuple: "a list", dict: "a table"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _num(x) -> str:
+    """A number for messages: integers in full, other numbers short."""
+    if isinstance(x, int):
+        return str(x)
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() and abs(x) < 1e16 else f"{x:.6g}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting's type and domain.
+
+    ``kind``: int | float | bool | str | choice | path | device | ints | floats | fraction |
+    fractions | names | text (a free string or list, parsed by the stage itself).
+    ``lo``/``hi`` bound numbers (and every item of a list); ``open_lo`` excludes ``lo``.
+    ``optional``: None is allowed (means "the stage's own default").
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    choices: tuple = ()
+    optional: bool = False
+    as_list: bool = True  # ints/floats: hand a "a,b" string on as a list (False: as given)
+
+    def check(self, name: str, value):
+        """``value`` if it is valid (lists given as "a,b" strings become lists for ints/floats);
+        else a one-line :class:`SnnadvError` naming ``name``."""
+        if value is None:
+            if self.optional:
+                return None
+            raise SnnadvError(f"{name} needs a value")
+        kind = self.kind
+        if kind in ("int", "float"):
+            return self._number(name, value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise SnnadvError(f"{name} must be true or false, got {_shown(value)} ({_kind(value)})")
+            return value
+        if kind in ("str", "path", "device", "choice"):
+            if not isinstance(value, (str, PurePath)) or (kind != "path" and not isinstance(value, str)):
+                what = "a path" if kind == "path" else "a string"
+                if kind == "choice":
+                    what = f"one of {', '.join(self.choices)}"
+                raise SnnadvError(f"{name} must be {what}, got {_shown(value)} ({_kind(value)})")
+            if kind == "choice" and value not in self.choices:
+                raise SnnadvError(f"{name} must be one of {', '.join(self.choices)}, got {_shown(value)}"
+                                  + _did_you_mean(str(value), self.choices))
+            if kind == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+                raise SnnadvError(f"unknown device {_shown(value)} for {name} (choose {DEVICE_FORMS})")
+            if kind == "path" and not str(value).strip():
+                raise SnnadvError(f"{name} must be a path, got an empty string")
+            return value
+        if kind in ("ints", "floats", "fractions"):
+            return self._list(name, value)
+        if kind == "fraction":
+            return self._fraction(name, value)
+        if kind in ("names", "text"):  # a comma-separated string or a list of strings (or numbers)
+            items = value if isinstance(value, (list, tuple)) else list(value.values()) \
+                if kind == "text" and isinstance(value, dict) else [value]
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items) or (
+                    kind == "names" and not isinstance(value, (str, list, tuple))):
+                raise SnnadvError(f"{name} must be a comma-separated string or a list, got {_shown(value)} "
+                                  f"({_kind(value)})")
+            return value
+        raise AssertionError(kind)
+
+    def _number(self, name: str, value):
+        integer = self.kind == "int"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            what = "an integer" if integer else "a number"
+            raise SnnadvError(f"{name} must be {what}, got {_shown(value)} ({_kind(value)})")
+        if not math.isfinite(value):
+            raise SnnadvError(f"{name} must be a finite number, got {value}")
+        lo, hi = self.lo, self.hi
+        if lo is not None and (value < lo or (self.open_lo and value == lo)):
+            rng = f"> {_num(lo)}" if self.open_lo else f">= {_num(lo)}"
+            if hi is not None:
+                rng = f"in {'(' if self.open_lo else '['}{_num(lo)}, {_num(hi)}]"
+            raise SnnadvError(f"{name} must be {rng}, got {_num(value)}")
+        if hi is not None and value > hi:
+            raise SnnadvError(f"{name} must be at most {_num(hi)}, got {_num(value)}")
+        return value
+
+    def _fraction(self, name: str, value) -> object:
+        """A number or "a/b" (e.g. 8/255), checked against the bounds; returned as given."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SnnadvError(f"{name} must be a number or a fraction like 8/255, got {_shown(value)} "
+                              f"({_kind(value)})")
+        try:
+            num, _, den = str(value).partition("/")
+            x = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise SnnadvError(f"{name} must be a number or a fraction like 8/255, got {_shown(value)}") from None
+        Setting("float", self.lo, self.hi, self.open_lo)._number(name, x)
+        return value
+
+    def _list(self, name: str, value):
+        item = {"ints": "int", "floats": "float", "fractions": "fraction"}[self.kind]
+        parsed = value
+        if isinstance(value, str):
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                parsed = [int(v) if item == "int" else float(v) if item == "float" else v for v in parts]
+            except ValueError:
+                what = "integers" if item == "int" else "numbers"
+                raise SnnadvError(f"{name} takes comma-separated {what}, got {_shown(value)}") from None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parsed = [value]
+        elif not isinstance(value, (list, tuple)):
+            raise SnnadvError(f"{name} must be a list (or a comma-separated string), got {_shown(value)} "
+                              f"({_kind(value)})")
+        one = Setting(item, self.lo, self.hi, self.open_lo)
+        for v in parsed:
+            one._fraction(name, v) if item == "fraction" else one._number(name, v)
+        return list(parsed) if self.as_list and not isinstance(value, (list, tuple)) else value
+
+
+def _did_you_mean(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_I = lambda lo, hi, **kw: Setting("int", lo, hi, **kw)  # noqa: E731
+_F = lambda lo, hi, **kw: Setting("float", lo, hi, **kw)  # noqa: E731
+_PATH = Setting("path", optional=True)
+_BOOL = Setting("bool")
+_POS = lambda hi: Setting("float", 0, hi, open_lo=True)  # noqa: E731  (finite, > 0)
+_LEAK = Setting("float", 0, 1, open_lo=True)
+_SUBSET = Setting("int", 1, MAX_IMAGES, optional=True)
+_T = Setting("int", 1, MAX_TIMESTEPS, optional=True)
+_BITS = Setting("int", 1, 8, optional=True)
+_EPS = Setting("fraction", 0, 1)
+_ALPHA = Setting("fraction", 0, 1, open_lo=True)
+_STEPS = Setting("int", 1, MAX_STEPS)
+_DRAWS = Setting("int", 1, MAX_DRAWS)
+_SURROGATES = ("stdb", "linear", "fast-sigmoid")
+_ARCHS = ("vgg5", "vgg11", "resnet20", "tiny")
+_KINDS = ("ann", "snn-conv", "snn-bp")
+
+#: every setting's type and domain; ``(stage, key)`` entries override ``key`` for that stage
+SCHEMA: dict = {
+    "dataset": Setting("choice", choices=("cifar10", "cifar100")), "data_dir": Setting("path"),
+    "download": _BOOL, "device": Setting("device"), "seed": _I(0, MAX_SEED),
+    "batch_size": _I(1, MAX_BATCH), "train_subset": _SUBSET, "test_subset": _SUBSET, "out": _PATH,
+    "quiet": _BOOL, "precision": Setting("choice", choices=("fp32", "bf16")),
+    "checkpoint": _PATH, "source_ckpt": _PATH, "target_ckpt": _PATH, "ann_ckpt": _PATH, "proxy_ckpt": _PATH,
+    "blackbox_ckpt": _PATH, "ann": _PATH, "snn_conv": _PATH, "snn_bp": _PATH, "ann_ii": _PATH,
+    "snn_conv_ii": _PATH, "snn_bp_ii": _PATH,
+    # train-ann
+    "arch": Setting("choice", choices=_ARCHS), "epochs": _I(1, MAX_EPOCHS),
+    "lr": Setting("float", 0, 1e6, open_lo=True, optional=True),
+    "milestones": Setting("ints", 1, MAX_EPOCHS, optional=True), "momentum": _F(0, 1),
+    "weight_decay": _F(0, 1), "input_bits": _BITS, "input_range": Setting("choice", choices=("unit", "signed")),
+    "resume": _BOOL,
+    # convert
+    "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
+    "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),
+    "balance": Setting("choice", choices=("all", "stem")), "curve": Setting("ints", 1, MAX_TIMESTEPS),
+    "eval_batch_size": Setting("int", 1, MAX_BATCH, optional=True),
+    # finetune
+    "leak": _LEAK, "surrogate": Setting("choice", choices=_SURROGATES), "alpha": _POS(1e6),
+    "beta": _F(0, 1e6), "gamma": _POS(1e6), "lr_step": _I(1, MAX_EPOCHS),
+    "lr_gamma": Setting("float", 0, 1, open_lo=True),
+    # attack / table / analyze / evaluate
+    "source": Setting("choice", choices=_KINDS), "target": Setting("choice", choices=_KINDS, optional=True),
+    "attack": Setting("choice", choices=("fgsm", "pgd")), "eps": _EPS, "steps": _STEPS,
+    "random_start": _BOOL, "gradient": Setting("choice", choices=("alg1", "bptt"), optional=True),
+    "eot": _DRAWS, "eval_draws": _DRAWS, "targeted": _BOOL, "conv_timesteps": _T, "bp_timesteps": _T,
+    "tables": Setting("names"), "model": Setting("choice", choices=("snn-bp", "snn-conv")),
+    "bits": Setting("text", optional=True),
+    "leaks": Setting("floats", 0, 1, open_lo=True, optional=True, as_list=False), "attacks": Setting("names"),
+    "force": _BOOL, "ratios": Setting("floats", 0, 1e6, open_lo=True, optional=True, as_list=False),
+    "lam_min": Setting("float", 0, 1, open_lo=True), "lam_max": Setting("float", 0, 1, open_lo=True),
+    "points": Setting("int", 1, MAX_STEPS, optional=True), "sim_steps": _STEPS, "threshold": _POS(1e6),
+    "reset": Setting("choice", choices=("zero", "subtract")), "image": _I(0, MAX_IMAGES),
+    "suite": Setting("choice", choices=("paper", "adaptive", "full")), "paths": Setting("names"),
+    "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,
+    "sweep_eps": Setting("fractions", 0, 1, as_list=False),
+    "sweep_steps": _STEPS, "slope": _POS(1e6), "library": _BOOL,
+    "flag_tol": Setting("float", 0, 100, optional=True), "zero_tol": _F(0, 100), "stat_images": _I(1, MAX_IMAGES),
+    # bench (workload=T pairs and lists are parsed by snnadv.bench)
+    "preset": Setting("choice", choices=("auto", "cpu", "paper", "tiny")), "only": Setting("names", optional=True),
+    "iters": Setting("text", optional=True), "warmup": Setting("text", optional=True),
+    "peak_tflops": Setting("float", 0, 1e6, open_lo=True, optional=True),
+    "peak_tbps": Setting("float", 0, 1e6, open_lo=True, optional=True),
+    "chunk_steps": Setting("int", 1, MAX_TIMESTEPS, optional=True),
+    # per-stage meanings of shared names
+    ("train-ann", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
+    ("train-ann", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
+    ("convert", "timesteps"): _I(1, MAX_TIMESTEPS),
+    ("finetune", "lr"): Setting("float", 0, 1e6, open_lo=True),
+    ("attack", "alpha"): _ALPHA, ("table", "alpha"): _ALPHA, ("analyze", "alpha"): _ALPHA,
+    ("evaluate", "alpha"): Setting("fraction", 0, 1, open_lo=True, optional=True),
+    ("evaluate", "eps"): Setting("fractions", 0, 1, as_list=False),
+    ("analyze", "timesteps"): Setting("ints", 1, MAX_TIMESTEPS, optional=True, as_list=False),
+    ("analyze", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
+    ("analyze", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
+    ("analyze", "surrogate"): Setting("choice", choices=_SURROGATES, optional=True),
+    ("analyze", "attack"): Setting("choice", choices=("fgsm", "pgd")),
+    ("bench", "arch"): Setting("choice", choices=_ARCHS, optional=True),
+    ("bench", "timesteps"): Setting("text", optional=True),
+    ("bench", "precision"): Setting("text"),
+    ("bench", "batch_size"): Setting("int", 1, MAX_BATCH, optional=True),
+    ("bench", "preset"): Setting("choice", choices=("auto", "cpu", "paper", "tiny")),
+}
+
+#: the [reproduce] table (read by snnadv.reproduce, not a stage)
+REPRODUCE = {"run_dir": Setting("path"), "seeds": Setting("ints", 0, MAX_SEED),
+             "analyses": Setting("names"), "evaluate": _BOOL}
+
+
+def setting(stage: str, key: str) -> Setting | None:
+    if stage == "reproduce":
+        return REPRODUCE.get(key)
+    return SCHEMA.get((stage, key)) or SCHEMA.get(key)
+
+
+def check_setting(stage: str, key: str, value, where: str = ""):
+    """``value`` checked against ``key``'s type and domain for ``stage`` (a list given as
+    "a,b" becomes a list); ``where`` says where it came from, for the message."""
+    spec = setting(stage, key)
+    name = f"--{key.replace('_', '-')}" if not where else key
+    try:
+        return value if spec is None else spec.check(name, value)
+    except SnnadvError as e:
+        raise SnnadvError(f"{e}{where}") from None
+
+
+def check_cross(cfg: dict, given=None) -> None:
+    """Rules between settings of one stage (each setting is already in its own domain).
+    ``given``: the keys set by a config or a flag (default: all)."""
+    given = cfg if given is None else given
+    if cfg.get("milestones") and cfg.get("epochs"):
+        # (a milestone at the last epoch takes effect when the run is extended with --resume)
+        bad = [m for m in cfg["milestones"] if not 1 <= m <= cfg["epochs"]]
+        if bad:
+            raise SnnadvError(f"milestones must be epochs in [1, {cfg['epochs']}] (epochs {cfg['epochs']}), "
+                              f"got {bad[0]}")
+    if cfg.get("stage") == "convert" and "curve" in given:
+        above = [t for t in cfg["curve"] if t > cfg["timesteps"]]
+        if above:
+            raise SnnadvError(f"curve point {above[0]} is above timesteps {cfg['timesteps']} (the curve is read "
+                              f"from one run of T steps: raise --timesteps or drop the point)")
+
+
 def check_positive(cfg: dict, *keys: str) -> None:
     for k in keys:
         v = cfg.get(k)
@@ -186,8 +488,13 @@ def resolve_device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SnnadvError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SnnadvError(f"unknown device '{name}' (choose auto, cpu or cuda)")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise SnnadvError(f"unknown device '{name}' (choose {DEVICE_FORMS})")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SnnadvError(f"--device {name} was asked for but no CUDA device is available")
+        if ":" in name and int(name.split(":")[1]) >= count:
+            raise SnnadvError(f"--device {name} was asked for but there {'is' if count == 1 else 'are'} "
+                              f"only {count} CUDA device{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})")
     return torch.device(name)

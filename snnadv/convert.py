@@ -169,6 +169,9 @@ def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
                    f"{len(imgs)} batch(es) of {cfg['batch_size']}, percentile {cfg['percentile']}")
     thresholds = balance_thresholds(snn, imgs, T, float(cfg["percentile"]), layers, reporter, gen)
     curve_steps = sorted({int(t) for t in cfg["curve"] if int(t) <= T} | {T})
+    above = [str(t) for t in cfg["curve"] if int(t) > T]
+    if above:
+        reporter.print(f"note: curve points above T={T} are left out ({', '.join(above)})")
     curve = accuracy_curve(snn, test, curve_steps, cfg.get("eval_batch_size") or cfg["batch_size"],
                            cfg["seed"], reporter)
     ann_acc = accuracy(build_model(ann, device), test, cfg["batch_size"])["mean"]

@@ -31,13 +31,14 @@ import json
 import operator
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from snnadv.errors import DataError
+from snnadv.errors import DataError, SnnadvWarning
 
 __all__ = [
     "DATASETS",
@@ -184,6 +185,10 @@ def load_split(
                 f"(torchvision); or add --download to fetch it (once, into {download_dir()})"
             )
     if subset is not None:
+        if not isinstance(subset, bool) and isinstance(subset, int) and subset > len(split):
+            name = "train" if train else "test"
+            warnings.warn(f"--{name}-subset {subset} is larger than the {name} split of '{root}' "
+                          f"({len(split)} images): using all {len(split)}", SnnadvWarning, stacklevel=2)
         split = split.subset(subset)
     return split.to(device)
 
@@ -279,7 +284,10 @@ def _decode_pngs(paths: list[Path]) -> torch.Tensor:
     out_np = out.numpy()
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with warnings.catch_warnings():  # a huge header is refused, not warned about
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(path)
+            with image:
                 if image.size != (_IMAGE_SIZE, _IMAGE_SIZE):
                     w, h = image.size
                     raise DataError(
@@ -292,6 +300,10 @@ def _decode_pngs(paths: list[Path]) -> torch.Tensor:
             raise
         except UnidentifiedImageError as e:
             raise DataError(f"cannot decode image '{path}': not an image file") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            pixels = "".join(c for c in str(e).split(" pixels")[0] if c.isdigit()) or "too many"
+            raise DataError(f"image '{path}' claims {pixels} pixels (refused as a possible decompression "
+                            f"bomb), expected {_IMAGE_SIZE}x{_IMAGE_SIZE} RGB") from e
         except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
             raise DataError(f"cannot decode image '{path}': {_one_line(e)}") from e
     return out

@@ -21,3 +21,24 @@ class CheckpointError(SnnadvError):
 
 class TrainingError(SnnadvError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class SnnadvWarning(UserWarning):
+    """Something the user should know that is not an error (the CLI prints one line)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with what the run kept on disk.
+
+    ``path``: the checkpoint; ``epoch``: the last completed (saved) epoch, 0 if none;
+    ``epochs``: the epochs asked for.  ``str()`` is the sentence the CLI prints.
+    """
+
+    def __init__(self, path, epoch: int, epochs: int):
+        super().__init__(path, epoch, epochs)
+        self.path, self.epoch, self.epochs = str(path), epoch, epochs
+
+    def __str__(self) -> str:
+        if self.epoch == 0:
+            return f"no epoch was completed, nothing was saved in {self.path}"
+        return f"epoch {self.epoch} of {self.epochs} is saved in {self.path}, continue with --resume"

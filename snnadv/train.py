@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import build_model, file_hash, load_checkpoint, load_weights, model_settings, save_checkpoint, weights
-from .config import ANN_SCHEDULE, FINETUNE_STEPS, check_positive, resolve_device
+from .config import ANN_SCHEDULE, FINETUNE_STEPS, check_cross, check_positive, resolve_device
 from .data import DATASETS, batches, load_dataset
-from .errors import CheckpointError, SnnadvError, TrainingError
+from .errors import CheckpointError, Interrupted, SnnadvError, TrainingError
 from .evaluate import accuracy
 from .models import ANN, get_spec
 from .neurons import make_surrogate
@@ -160,7 +160,45 @@ def _resume_state(out: Path, cfg: dict, stage: str, arch: str) -> dict | None:
                               f"not a {arch} on {cfg['dataset']}")
     if ckpt.get("train_state") is None:
         raise CheckpointError(f"--resume: '{out}' has no training state to resume from")
+    done = int(ckpt["train_state"]["epoch"])
+    if cfg["epochs"] < done:
+        raise CheckpointError(f"--resume: '{out}' already holds {done} epochs, more than --epochs {cfg['epochs']} "
+                              f"(give --epochs {done} to finish it as it is, or more to extend it)")
     return ckpt
+
+
+#: settings that shape a training run's result: --resume needs the same ones
+RESUME_KEYS = {"ann": ("arch", "dataset", "lr", "momentum", "weight_decay", "input_bits", "input_range", "seed",
+                       "batch_size", "train_subset"),
+               "snn-bp": ("dataset", "leak", "timesteps", "lr", "lr_step", "lr_gamma", "weight_decay", "seed",
+                          "batch_size", "train_subset")}
+
+
+def check_resume_settings(out: Path, then: dict, now: dict) -> None:
+    """``--resume`` only with the settings the checkpoint was started with: one line
+    listing every difference (a setting the checkpoint did not record is not compared)."""
+    short = lambda v: f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else v  # noqa: E731 (a sha256)
+    diff = [f"{k} differ" if isinstance(now[k], dict) and k != "surrogate"
+            else f"{k} {short(then[k])} (now {short(now[k])})" for k in now if k in then and then[k] != now[k]]
+    if diff:
+        raise CheckpointError(f"--resume: '{out}' was started with other settings: {', '.join(diff)}; "
+                              f"give the same ones to continue it, or another --out for a new run")
+
+
+def _fit(out: Path, resume: dict | None, checkpoint_fn, **kw) -> list[dict]:
+    """:func:`fit`, with Ctrl-C turned into :class:`Interrupted` saying which epoch is saved where."""
+    saved = [int(resume["train_state"]["epoch"]) if resume else 0]
+
+    def save(state):
+        checkpoint_fn(state)
+        saved[0] = state["epoch"]
+
+    try:
+        return fit(checkpoint_fn=save, resume=resume["train_state"] if resume else None, **kw)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(out, saved[0], kw["epochs"]) from None
 
 
 def _finish(ckpt_base: dict, history: list, out: Path, metrics_path: Path, cfg: dict,
@@ -200,12 +238,16 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     cfg = {**cfg, "epochs": epochs0 if cfg["epochs"] is None else cfg["epochs"],
            "lr": lr0 if cfg["lr"] is None else cfg["lr"]}
     check_positive(cfg, "epochs", "lr")
+    check_cross(cfg)
+    given = {k: cfg[k] for k in RESUME_KEYS["ann"] + (("milestones",) if cfg["milestones"] is not None else ())}
     if cfg["milestones"] is None:  # scale the paper's milestones to a shorter run (never epoch 0)
         cfg["milestones"] = [max(1, round(m * cfg["epochs"] / epochs0)) for m in milestones0]
     spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
     device, train, test = _setup(cfg)
     out, metrics_path = _outputs(cfg, f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
+    if resume:
+        check_resume_settings(out, resume.get("config") or {}, given)
     model = ANN(spec, cfg["input_bits"], cfg["input_range"], precision=cfg.get("precision") or "fp32").to(device)
     if resume:
         load_weights(model, resume["state_dict"], f"--resume: '{out}'")
@@ -220,9 +262,9 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
         save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
                               "metrics": {"history": state["history"]}, "train_state": state})
 
-    history = fit(model, train, test, optimizer=opt, scheduler=sched, epochs=cfg["epochs"],
-                  batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_fn=checkpoint_fn,
-                  resume=resume["train_state"] if resume else None, reporter=reporter)
+    history = _fit(out, resume, checkpoint_fn, model=model, train=train, test=test, optimizer=opt,
+                   scheduler=sched, epochs=cfg["epochs"], batch_size=cfg["batch_size"], seed=cfg["seed"],
+                   reporter=reporter)
     return _finish(base, history, out, metrics_path, cfg, reporter)
 
 
@@ -248,6 +290,13 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
     out, metrics_path = _outputs(cfg, f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
     resume = _resume_state(out, cfg, "snn-bp", arch)
     if resume:
+        then = {**{k: resume["config"].get(k) for k in RESUME_KEYS["snn-bp"] if k in (resume.get("config") or {})},
+                "checkpoint": (resume.get("parent") or {}).get("sha256"),
+                "surrogate": resume["model"].get("surrogate"), "thresholds (scale)": resume["model"].get("thresholds")}
+        check_resume_settings(out, then, {**{k: cfg[k] for k in RESUME_KEYS["snn-bp"]},
+                                          "checkpoint": file_hash(cfg["checkpoint"]),
+                                          "surrogate": model_settings(model)["surrogate"],
+                                          "thresholds (scale)": model.thresholds()})
         load_weights(model, resume["state_dict"], f"--resume: '{out}'")
     opt = make_optimizer(torch.optim.Adam, model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg["lr_step"], cfg["lr_gamma"])
@@ -269,8 +318,7 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
                               "metrics": {"history": state["history"], "test_acc_before": before},
                               "train_state": state})
 
-    history = fit(model, train, test, optimizer=opt, scheduler=sched, epochs=cfg["epochs"],
-                  batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_fn=checkpoint_fn,
-                  resume=resume["train_state"] if resume else None, reporter=reporter,
-                  eval_batch_size=cfg["batch_size"])
+    history = _fit(out, resume, checkpoint_fn, model=model, train=train, test=test, optimizer=opt,
+                   scheduler=sched, epochs=cfg["epochs"], batch_size=cfg["batch_size"], seed=cfg["seed"],
+                   reporter=reporter, eval_batch_size=cfg["batch_size"])
     return _finish(base, history, out, metrics_path, cfg, reporter, {"test_acc_before": before})

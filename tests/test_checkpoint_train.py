@@ -17,6 +17,7 @@ from snnadv.data import load_dataset
 from snnadv.errors import CheckpointError, SnnadvError, TrainingError
 from snnadv.evaluate import accuracy
 from snnadv.models import ANN, ArchSpec, get_spec
+from snnadv.models.spec import tiny
 from snnadv.train import train_ann
 
 #: a tiny, fast training run (seconds on a CPU)
@@ -153,7 +154,8 @@ class _Evil:
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
     path = tmp_path / "sub" / "c.pt"
-    save_checkpoint(path, {"stage": "ann", "state_dict": {"w": torch.ones(3)}})
+    save_checkpoint(path, {"stage": "ann", "dataset": "cifar10", "spec": tiny().to_dict(),
+                           "state_dict": {"w": torch.ones(3)}})
     assert load_checkpoint(path)["state_dict"]["w"].sum() == 3
     assert sorted(p.name for p in path.parent.iterdir()) == ["c.pt"]
 
