@@ -87,11 +87,13 @@ def check_not_inputs(outputs: list[Path], inputs: dict) -> None:
                 if p is None:
                     continue
                 p = Path(p)
-                hit = _inside(out, p) if p.is_dir() else _same(out, p)
-                if hit:
+                if p.is_dir() and _inside(out, p):
+                    raise OutputError(f"output '{out}' is inside the input folder '{p}' ({option}): "
+                                      f"choose another --out; nothing was written")
+                if not p.is_dir() and _same(out, p):
                     how = "" if str(out) == str(p) else f" (the same file as {option} '{p}')"
-                    raise OutputError(f"output '{out}' is an input of this command{how}: choose another --out; "
-                                      f"nothing was written")
+                    raise OutputError(f"output '{out}' is the input {option}{how}: it would be replaced; "
+                                      f"choose another --out; nothing was written")
 
 
 def check_writable(path: Path, folder: bool = False) -> None:
@@ -166,12 +168,27 @@ def _command() -> str:
     return " ".join([Path(argv[0]).name, *argv[1:]])[:200]
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest first."""
+    created = []
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    for f in reversed(created):
+        f.mkdir(exist_ok=True)
+    return created
+
+
 def lock(path: Path, stack: ExitStack, note=print) -> None:
-    """Lock ``path`` exclusively until ``stack`` closes; a busy lock is a one-line error."""
+    """Lock ``path`` exclusively until ``stack`` closes; a busy lock is a one-line error.
+
+    A run that wrote nothing (an error before its first output) leaves nothing: the lock
+    file and the folders made for it are removed again.
+    """
     import filelock
 
     lp = lock_path(path)
-    lp.parent.mkdir(parents=True, exist_ok=True)
+    created = ([] if lp.exists() else [lp]) + _make_parents(lp.parent)
     before = _read_owner(lp)
     fl = filelock.FileLock(str(lp), timeout=0)
     try:
@@ -187,7 +204,21 @@ def lock(path: Path, stack: ExitStack, note=print) -> None:
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                             "command": _command()}))
-    stack.callback(lambda: open(lp, "w").close())  # a free lock names no owner (runs before release)
+    stack.callback(_free, path, lp, created)  # runs before the release
+
+
+def _free(path: Path, lp: Path, created: list[Path]) -> None:
+    """Before releasing: a free lock names no owner; a run that wrote nothing leaves nothing
+    (the lock file it created, then the folders it created, if still empty)."""
+    if path.exists() or lp not in created:
+        open(lp, "w").close()
+        return
+    lp.unlink(missing_ok=True)
+    for d in created[1:]:
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty: something else was written there
 
 
 # --------------------------------------------------------------------------- orphans
@@ -275,16 +306,17 @@ def guarded(fn):
     return run
 
 
-def replacing(save, stale: list[Path]):
-    """``save`` that, after its first call, removes ``stale``: the JSON describing the
-    result it has just replaced (``--overwrite``: the old file is kept until then)."""
-    state = {"first": True}
+def replacing(stale: list):
+    """Decorate a training run's ``save``: after its first call (the first completed epoch
+    has replaced any old checkpoint) remove ``stale``, the JSON that described the old one."""
+    def wrap(save):
+        left = list(stale)
 
-    def run(*args, **kwargs):
-        out = save(*args, **kwargs)
-        if state["first"]:
-            state["first"] = False
-            for p in stale:
-                Path(p).unlink(missing_ok=True)
-        return out
-    return run
+        @functools.wraps(save)
+        def run(*args, **kwargs):
+            out = save(*args, **kwargs)
+            while left:
+                Path(left.pop()).unlink(missing_ok=True)
+            return out
+        return run
+    return wrap
