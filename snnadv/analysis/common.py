@@ -29,7 +29,7 @@ from ..report import atomic_target, atomic_write_text, write_json
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")
 
 #: settings that never change a result (left out of signatures and reports)
-VOLATILE = ("out", "quiet", "config", "stage", "resume", "device", "download", "force")
+VOLATILE = ("out", "quiet", "config", "stage", "resume", "overwrite", "device", "download", "force")
 
 
 # --------------------------------------------------------------------------- parsing
