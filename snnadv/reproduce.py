@@ -270,6 +270,10 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
         if done or s.name not in selected:
             reporter.print(f"[dim][{i}/{len(plan)}] {s.name}: {'done' if done else 'not selected'}[/]")
             continue
+        stale = [u for u in s.needs if not current[u]]
+        if stale:
+            raise SnnadvError(f"stage '{s.name}' needs {', '.join(stale)} first: its output is missing, changed or "
+                              f"made with other settings (run without --only/--from)")
         if max_stages is not None and ran >= max_stages:
             reporter.print(f"stopping after {ran} stage(s) (--max-stages); run again to continue")
             stopped = True
