@@ -97,11 +97,25 @@ def _hashes(outputs: dict) -> dict:
     return {k: file_hash(p) for k, p in outputs.items() if Path(p).is_file()}
 
 
+def _stats(outputs: dict) -> dict:
+    """(size, mtime) of every output file: while they are unchanged the sha256 is not re-read."""
+    return {k: [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for k, p in outputs.items() if Path(p).is_file()}
+
+
+def _intact(rec: dict) -> bool:
+    """The record's outputs exist and have the sha256 recorded when the stage finished
+    (re-hashed only when a file's size or modification time changed)."""
+    if not all(Path(p).exists() for p in rec["outputs"].values()):
+        return False
+    if "sha256" not in rec:  # a record of an earlier version
+        return True
+    stats = _stats(rec["outputs"])
+    return stats == rec.get("stat") or _hashes(rec["outputs"]) == rec["sha256"]
+
+
 def _valid(rec: dict | None, keys: list[str], upstream: dict) -> bool:
     """``rec`` is a finished stage with one of ``keys``, its outputs intact, its inputs current."""
-    if rec is None or rec.get("key") not in keys or not all(Path(p).exists() for p in rec["outputs"].values()):
-        return False
-    if "sha256" in rec and _hashes(rec["outputs"]) != rec["sha256"]:
+    if rec is None or rec.get("key") not in keys or not _intact(rec):
         return False
     return "inputs" not in rec or rec["inputs"] == {u: r.get("sha256") for u, r in upstream.items()}
 
@@ -285,7 +299,7 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
         t0 = time.perf_counter()
         outputs = s.run(cfg, ctx)
         record = {"stage": s.name, "key": keys[0], "outputs": outputs, "seconds": time.perf_counter() - t0,
-                  "needs": s.needs, "sha256": _hashes(outputs),
+                  "needs": s.needs, "sha256": _hashes(outputs), "stat": _stats(outputs),
                   "inputs": {u: ctx.records[u].get("sha256") for u in s.needs}, "hardware": _hardware(cfg)}
         write_json(run_dir / "stages" / f"{s.name}.json", record)
         ctx.records[s.name] = record
