@@ -17,11 +17,11 @@ before any work, and holds them until it returns.  A claim:
   has a complete replacement (a training run: its first completed epoch, see
   :func:`replacing`; other commands: their finished output), then it is replaced
   atomically;
-* **takes an exclusive lock** per output (``.NAME.lock`` beside it, a ``filelock``
-  flock, which the operating system drops when its process dies).  The lock file
-  records the owner's pid, host, start time and command line; a second writer stops
-  at once with one line naming the first.  A lock file still naming an owner although
-  nobody holds the lock (the owner was killed) is reported as stale and taken over;
+* **takes an exclusive lock** per output (``.NAME.lock`` beside it while the run
+  lasts, a ``filelock`` flock, which the operating system drops when its process
+  dies).  The lock file records the owner's pid, host, start time and command line; a
+  second writer stops at once with one line naming the first.  A lock file left by an
+  owner that was killed (nobody holds its lock) is reported as stale and taken over;
 * **removes orphan temporary files** of that output (``.NAME.<pid>-XXXX.tmp``, left by
   SIGTERM or kill -9 during an atomic write), those whose writer is no longer alive.
   They are never read as results.
@@ -208,17 +208,16 @@ def lock(path: Path, stack: ExitStack, note=print) -> None:
 
 
 def _free(path: Path, lp: Path, created: list[Path]) -> None:
-    """Before releasing: a free lock names no owner; a run that wrote nothing leaves nothing
-    (the lock file it created, then the folders it created, if still empty)."""
-    if path.exists() or lp not in created:
-        open(lp, "w").close()
-        return
+    """Before releasing: remove the lock file (filelock re-checks that the file it locked is
+    still linked, so a waiter never holds a removed one); a run that wrote nothing also
+    removes the folders it created, if still empty."""
     lp.unlink(missing_ok=True)
-    for d in created[1:]:
-        try:
-            d.rmdir()
-        except OSError:
-            break  # not empty: something else was written there
+    if not path.exists():
+        for d in created[1:]:
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty: something else was written there
 
 
 # --------------------------------------------------------------------------- orphans
