@@ -278,7 +278,7 @@ def test_deferred_loss_reads_change_nothing_and_still_stop_on_nan(shared_data, t
         assert (a["loss"], a["train_acc"], a["test_acc"]) == (b["loss"], b["train_acc"], b["test_acc"])
     before = file_hash(deferred)
     with pytest.raises(TrainingError) as e:
-        train_ann(_tiny_cfg(shared_data, deferred, lr=1e6))
+        train_ann(_tiny_cfg(shared_data, deferred, lr=1e6, overwrite=True))
     msg = str(e.value)
     assert "not finite" in msg and "batch" in msg and "\n" not in msg
     assert file_hash(deferred) == before
