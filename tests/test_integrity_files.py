@@ -317,3 +317,24 @@ def test_reporter_progress_interval_is_a_parameter():
     with quiet.progress("x", 2) as advance:
         advance(2)
     assert buf2.getvalue() == ""  # at most one line per interval
+
+
+def test_reproduce_keeps_the_old_model_until_the_new_one_has_an_epoch(tmp_path, shared_data, monkeypatch):
+    """A changed [train-ann] re-runs the ANN; Ctrl-C in its first epoch leaves the old one."""
+    import snnadv.train
+    from snnadv.reproduce import reproduce
+
+    cfg = _config(tmp_path, shared_data)
+    run_dir = tmp_path / "run"
+    reproduce(cfg, run_dir, max_stages=1, quiet=True)
+    before = _snapshot(run_dir / "models")
+    cfg2 = tmp_path / "changed.toml"
+    cfg2.write_text(cfg.read_text().replace("lr = 0.05", "lr = 0.04"))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(snnadv.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(cfg2, run_dir, max_stages=1, quiet=True)
+    assert _snapshot(run_dir / "models") == before
