@@ -65,6 +65,7 @@ class Context:
     reporter: Reporter
     seeds: list[int]
     records: dict = field(default_factory=dict)
+    known_sha256: dict = field(default_factory=dict)  # path -> sha256 a stage already computed
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
@@ -92,9 +93,9 @@ def _keys(settings: dict, upstream: list[str]) -> list[str]:
     return [_key(settings, upstream)] + legacy
 
 
-def _hashes(outputs: dict) -> dict:
+def _hashes(outputs: dict, known: dict | None = None) -> dict:
     """sha256 of every output that is a file (a folder output only has to exist)."""
-    return {k: file_hash(p) for k, p in outputs.items() if Path(p).is_file()}
+    return {k: (known or {}).get(p) or file_hash(p) for k, p in outputs.items() if Path(p).is_file()}
 
 
 def _stats(outputs: dict) -> dict:
@@ -139,6 +140,7 @@ def _model_stage(kind: str):
         from .train import finetune, train_ann
 
         r = {"train-ann": train_ann, "convert": convert, "finetune": finetune}[kind](cfg, ctx.reporter)
+        ctx.known_sha256[r["checkpoint"]] = r["sha256"]  # not read again to record it
         return {"checkpoint": r["checkpoint"], "metrics": str(Path(r["checkpoint"]).with_suffix(".json"))}
     return run
 
@@ -299,7 +301,7 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
         t0 = time.perf_counter()
         outputs = s.run(cfg, ctx)
         record = {"stage": s.name, "key": keys[0], "outputs": outputs, "seconds": time.perf_counter() - t0,
-                  "needs": s.needs, "sha256": _hashes(outputs), "stat": _stats(outputs),
+                  "needs": s.needs, "sha256": _hashes(outputs, ctx.known_sha256), "stat": _stats(outputs),
                   "inputs": {u: ctx.records[u].get("sha256") for u in s.needs}, "hardware": _hardware(cfg)}
         write_json(run_dir / "stages" / f"{s.name}.json", record)
         ctx.records[s.name] = record
