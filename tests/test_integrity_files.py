@@ -40,9 +40,13 @@ def _one_line_error(proc) -> str:
     return err
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background test run may have inherited SIG_IGN
+
+
 def _start(args) -> subprocess.Popen:
     return subprocess.Popen(SNNADV + list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV)
+                            text=True, env=ENV, preexec_fn=_default_sigint)
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
@@ -140,9 +144,10 @@ def test_overwrite_keeps_the_old_file_until_the_first_epoch(tiny, shared_data, t
         (tmp_path / name).write_bytes((tiny / name).read_bytes())
     before = _snapshot(tmp_path)
     proc = _start(["train-ann", "--arch", "tiny", "--epochs", "3", "--overwrite", "--out", tmp_path / "ann.pt",
-                   "--data-dir", shared_data, "--device", "cpu", "--train-subset", "4000", "--test-subset", "20"])
+                   "--data-dir", shared_data, "--device", "cpu", "--train-subset", "5000", "--test-subset", "20",
+                   "--batch-size", "16"])
     _wait_for(proc, "training ANN")
-    time.sleep(1.0)  # inside epoch 1
+    time.sleep(0.5)  # inside epoch 1
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
