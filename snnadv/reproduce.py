@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import file_hash
 from .config import keyed, read_config, resolve
 from .errors import CheckpointError, SnnadvError
 from .outputs import Outputs, remove_orphans
@@ -95,6 +94,8 @@ def _keys(settings: dict, upstream: list[str]) -> list[str]:
 
 def _hashes(outputs: dict, known: dict | None = None) -> dict:
     """sha256 of every output that is a file (a folder output only has to exist)."""
+    from .checkpoint import file_hash  # (imports torch: only when a file changed or a stage ran)
+
     return {k: (known or {}).get(p) or file_hash(p) for k, p in outputs.items() if Path(p).is_file()}
 
 
