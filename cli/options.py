@@ -18,6 +18,8 @@ COMMON_OPTIONS = [
     click.option("--train-subset", type=int, help="Use only the first N training images (class-balanced)."),
     click.option("--test-subset", type=int, help="Use only the first N test images (class-balanced)."),
     click.option("--out", type=click.Path(), help="Output file (checkpoint .pt, results beside it)."),
+    click.option("--overwrite", is_flag=True, default=None,
+                 help="Replace an existing result at --out (kept until the new run has a complete replacement)."),
     click.option("--quiet", is_flag=True, default=None, help="No progress display."),
     click.option("--precision", help="fp32 (default) | bf16: bf16 autocast of the SNN's synaptic layers, membranes "
                  "stay fp32 (bench also takes fp32,bf16: a row each)."),

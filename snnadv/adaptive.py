@@ -92,7 +92,8 @@ from .errors import SnnadvError
 from .evaluate import _draw_seeds, is_snn, summarize
 from .gradients import SNN_PATHS, make_gradient
 from .neurons import make_surrogate
-from .report import Reporter, write_json
+from .outputs import Outputs, guarded
+from .report import Reporter, atomic_target, atomic_write_text, write_json
 from .robustness import check_compatible, craft, load_attack_model
 
 SUITES = ("paper", "adaptive", "full")
@@ -783,8 +784,11 @@ def find_proxy(target_path, ckpt: dict, device, proxy_ckpt=None, input_bits=None
                    "stage": "ann", "arch": ckpt["spec"]["arch"], "dataset": ckpt["dataset"], "why": why}
 
 
-def run_evaluate(cfg: dict, reporter: Reporter | None = None) -> dict:
-    """``snnadv evaluate``: load the target, run the suite, print, write JSON/Markdown/plot."""
+@guarded
+def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
+    """``snnadv evaluate``: load the target, run the suite, print, write JSON/Markdown/plot.
+
+    The outputs are claimed (:mod:`snnadv.outputs`) once the target is loaded, before any attack."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg.get("target_ckpt") is None:
         raise SnnadvError("evaluate needs --target-ckpt")
@@ -794,6 +798,9 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None) -> dict:
     model, info, ckpt = load_attack_model(cfg["target_ckpt"], None, device, cfg.get("timesteps"),
                                           cfg.get("input_bits"), cfg.get("precision"))
     paths = resolve_paths(model, s.paths, s.slope)
+    json_path, md_path, png_path = output_paths(cfg.get("out"), info)
+    outputs.claim([json_path, md_path, png_path], cfg, inputs={
+        f"--{k.replace('_', '-')}": cfg.get(k) for k in ("target_ckpt", "proxy_ckpt", "blackbox_ckpt")})
     warnings: list[str] = []
 
     def warn(msg):
@@ -835,10 +842,9 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None) -> dict:
     warnings.extend(result["warnings"])
     result["warnings"] = warnings  # the same list: the plot's warning lands in the JSON too
     print_result(result, reporter)
-    json_path, md_path, png_path = output_paths(cfg.get("out"), info)
     result["plot"] = plot_eps(result, png_path, warn)
     write_json(json_path, result)
-    md_path.write_text(evaluate_markdown(result))
+    atomic_write_text(md_path, evaluate_markdown(result))
     reporter.print(f"[green]saved[/] {json_path} and {md_path}" + (f" and {png_path}" if result["plot"] else ""))
     return result
 
@@ -1000,7 +1006,6 @@ def plot_eps(result: dict, path: Path, warn=None) -> str | None:
         warn("matplotlib is not installed: accuracy-vs-eps plot skipped (pip install matplotlib)")
         return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, xs, ys, es in series:
         ax.errorbar([x * 255 for x in xs], ys, yerr=es, marker="o", capsize=3, label=name,
@@ -1013,6 +1018,7 @@ def plot_eps(result: dict, path: Path, warn=None) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_target(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return str(path)

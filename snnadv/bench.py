@@ -63,6 +63,7 @@ from .kernels import scan
 from .models import ANN, SNN, get_spec
 from .models.ann import BasicBlock, make_layer
 from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
+from .outputs import Outputs, guarded
 from .report import Reporter, write_json
 from .train import make_optimizer
 
@@ -811,13 +812,15 @@ def print_result(result: dict, reporter: Reporter) -> None:
                        + ("" if g["applies"] else " (settings differ from the goal's)"))
 
 
-def bench(cfg: dict, reporter: Reporter | None = None) -> dict:
+@guarded
+def bench(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """``snnadv bench``: run, print the table, write the JSON (``--out``, default runs/bench.json)."""
     reporter = reporter or Reporter(quiet=bool(cfg.get("quiet")))
-    result = run_bench(cfg, reporter)
     out = Path(cfg.get("out") or "runs/bench.json")
     if out.suffix != ".json":
         out = out / "bench.json"
+    outputs.claim([out], cfg)
+    result = run_bench(cfg, reporter)
     result["config"] = {k: v for k, v in cfg.items()}
     print_result(result, reporter)
     write_json(out, result)

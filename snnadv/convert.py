@@ -31,6 +31,7 @@ from .errors import SnnadvError
 from .evaluate import accuracy
 from .models import SNN, ArchSpec
 from .models.spec import Block
+from .outputs import Outputs, checkpoint_paths, guarded
 from .report import Reporter, write_json
 
 
@@ -141,8 +142,12 @@ def spiking_layers(spec: ArchSpec, balance: str, names: list[str]) -> list[str]:
     raise SnnadvError(f"unknown balance mode '{balance}' (choose all or stem)")
 
 
-def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
-    """``snnadv convert``: ANN checkpoint -> snn-conv checkpoint, with the accuracy-vs-T curve."""
+@guarded
+def convert(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
+    """``snnadv convert``: ANN checkpoint -> snn-conv checkpoint, with the accuracy-vs-T curve.
+
+    The output (``--out``: a ``.pt`` file, or a folder) is claimed before any work
+    (:mod:`snnadv.outputs`)."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg["checkpoint"] is None:
         raise SnnadvError("convert needs --checkpoint: an ANN checkpoint from 'snnadv train-ann'")
@@ -152,6 +157,8 @@ def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
     ann = load_checkpoint(cfg["checkpoint"], "ann")
     spec = ArchSpec.from_dict(ann["spec"])
     cfg = {**cfg, "dataset": ann["dataset"]}
+    out, metrics_path = checkpoint_paths(cfg["out"], f"snn-conv-{spec.arch}-{cfg['dataset']}-s{cfg['seed']}")
+    outputs.claim([out, metrics_path], cfg, inputs={"--checkpoint": cfg["checkpoint"]})
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     train, test = load_dataset(cfg["dataset"], cfg["data_dir"], device, cfg["train_subset"],
@@ -178,7 +185,6 @@ def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
     reporter.table(f"SNN-conv {spec.arch}: test accuracy (%) vs timesteps ({len(test)} test images)",
                    ["model"] + [f"T={t}" for t in curve_steps] + ["ANN"],
                    [["SNN-conv"] + [curve[t] for t in curve_steps] + [ann_acc]])
-    out = cfg["out"] or f"runs/snn-conv-{spec.arch}-{cfg['dataset']}-s{cfg['seed']}.pt"
     settings = {**model_settings(snn), "finetune_scale": float(cfg["scale"])}
     metrics = {"test_acc": curve[T], "curve": {str(t): curve[t] for t in curve_steps},
                "ann_test_acc": ann_acc, "thresholds": thresholds}
@@ -188,7 +194,7 @@ def convert(cfg: dict, reporter: Reporter | None = None) -> dict:
                                  "metrics": metrics, "parent": parent, "train_state": None})
     result = {"stage": "snn-conv", "checkpoint": str(path), "sha256": file_hash(path), "config": cfg,
               "metrics": metrics, "parent": parent}
-    write_json(path.with_suffix(".json"), result)
+    write_json(metrics_path, result)
     reporter.print(f"[green]saved[/] {path}")
     return result
 

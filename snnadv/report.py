@@ -1,8 +1,11 @@
 """Progress display and result output shared by every stage (rich + JSON).
 
 A :class:`Reporter` owns the console: progress bars for long work, tables for
-results.  ``quiet=True`` silences it (tests, library use).  :func:`write_json`
-writes a result file atomically, so an interrupted run never leaves half a file.
+results.  ``quiet=True`` silences it (tests, library use).  When the output is not a
+terminal (a log file), a long loop prints a plain line instead of a bar every
+``progress_every`` seconds (30, or ``$SNNADV_PROGRESS_EVERY``): description,
+done/total, elapsed, estimate left.  :func:`write_json` writes a result file
+atomically, so an interrupted run never leaves half a file.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import math
 import os
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,11 +25,12 @@ from rich.table import Table
 
 
 class Reporter:
-    def __init__(self, quiet: bool = False, console: Console | None = None):
+    def __init__(self, quiet: bool = False, console: Console | None = None, progress_every: float | None = None):
         self.console = console or Console(quiet=quiet, highlight=False)
         if console is None and not self.console.is_terminal:
             self.console.width = max(self.console.width, 160)  # logs: do not cut wide tables
         self.quiet = quiet
+        self.progress_every = progress_every or float(os.environ.get("SNNADV_PROGRESS_EVERY") or 30.0)
 
     def print(self, *args, **kwargs) -> None:
         self.console.print(*args, **kwargs)
@@ -34,14 +40,21 @@ class Reporter:
         """A progress bar; yields ``advance(n=1, **fields)``."""
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        live = not self.quiet and self.console.is_terminal  # no bars in logs (per-epoch lines remain)
+        live = not self.quiet and self.console.is_terminal  # no bars in logs: plain lines instead
         with Progress(*columns, console=self.console, transient=True, disable=not live) as bar:
             task = bar.add_task(description, total=total, info="")
+            log = _LogLines(self, description, total) if not live and not self.quiet else None
 
             def advance(n: int = 1, info: str | None = None) -> None:
                 bar.update(task, advance=n, **({"info": info} if info is not None else {}))
+                if log is not None:
+                    log.update(n, info)
 
-            yield advance
+            try:
+                yield advance
+            finally:
+                if log is not None:
+                    log.stop()
 
     def table(self, title: str, columns: list[str], rows: list[list]) -> Table:
         t = Table(title=title, title_justify="left")
@@ -51,6 +64,43 @@ class Reporter:
             t.add_row(*[fmt(v) for v in r])
         self.console.print(t)
         return t
+
+
+class _LogLines:
+    """Plain progress lines for logs: a timer thread prints one every ``progress_every`` s."""
+
+    def __init__(self, reporter: Reporter, description: str, total: int | None):
+        self.reporter, self.description, self.total = reporter, description, total
+        self.done, self.info, self.t0 = 0, "", time.perf_counter()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def update(self, n: int, info: str | None) -> None:
+        self.done += n
+        if info is not None:
+            self.info = info
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        text = f"{self.description}: {self.done}/{self.total if self.total is not None else '?'}"
+        text += f", {_duration(elapsed)} elapsed"
+        if self.total and self.done:
+            text += f", ~{_duration(elapsed * (self.total - self.done) / self.done)} left"
+        return text + (f" ({self.info})" if self.info else "")
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.reporter.progress_every):
+            self.reporter.console.print(self.line(), markup=False, highlight=False)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def fmt(v) -> str:
@@ -70,7 +120,9 @@ def atomic_target(path: str | os.PathLike, suffix: str = ".tmp"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # the writer's pid in the name: an orphan (the writer was killed) is recognised and removed
+    # by the next run that claims this output (snnadv.outputs.remove_orphans)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp

@@ -11,15 +11,26 @@ Stages, in order (each one a call into the library):
     evaluate               the adaptive evaluation suite (if configured)
     report                 one Markdown report of everything
 
-Resumable and idempotent.  A stage's settings, and the hashes of the stages it
-reads from, give it a *key*.  When a stage completes, ``RUN_DIR/stages/NAME.json``
-records its key and outputs; a later run skips every stage whose record has the
-same key and whose outputs exist, so a changed setting re-runs that stage and
-everything downstream of it, nothing else.  A training stage interrupted midway
+Resumable and idempotent.  A stage's settings, and the keys of the stages it
+reads from, give it a *key* (the ``--device`` string is not part of it: the
+hardware a stage ran on is recorded beside).  When a stage completes,
+``RUN_DIR/stages/NAME.json`` records its key, its outputs with their sha256, and
+the sha256 of the upstream outputs it read.  A stage is *done* only if its record
+has the current key, its outputs exist with the recorded sha256 (a truncated or
+edited checkpoint is not done), the upstream outputs it read are still the current
+ones, and no upstream stage ran again in this run; anything else re-runs that stage
+and everything downstream of it, nothing else.  ``reproduce.json`` says
+``complete: true`` only when every stage is done in that sense (also after
+``--only`` / ``--from`` / ``--max-stages``).
+
+The run directory is reproduce's own: it is locked for the whole run (a second
+``reproduce`` in it stops with one line naming the first), nothing in it is ever
+deleted, and a stage that re-runs replaces its old output only once it has a
+complete replacement (:mod:`snnadv.outputs`).  A training stage interrupted midway
 resumes from its last completed epoch (its checkpoint carries the key it was
-started with; a checkpoint started under other settings is discarded).
-``--only`` / ``--from`` run part of the chain; ``--max-stages N`` stops after N
-stages ran (a long paper-scale run can proceed in pieces).
+started with; a checkpoint started under other settings is replaced by the new
+run's first epoch).  ``--only`` / ``--from`` run part of the chain; ``--max-stages
+N`` stops after N stages ran (a long paper-scale run can proceed in pieces).
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import keyed, read_config, resolve
-from .errors import SnnadvError
+from .errors import CheckpointError, SnnadvError
+from .outputs import Outputs, remove_orphans
 from .report import Reporter, write_json
 
 
@@ -52,6 +64,7 @@ class Context:
     reporter: Reporter
     seeds: list[int]
     records: dict = field(default_factory=dict)
+    known_sha256: dict = field(default_factory=dict)  # path -> sha256 a stage already computed
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
@@ -60,11 +73,64 @@ class Context:
         return self.records[stage]["outputs"][key]
 
 
-def _key(settings: dict, upstream: list[str]) -> str:
-    volatile = {"quiet", "out", "config", "resume", "stage"}
+#: settings that never change a stage's result (``device``: the same run on the same
+#: hardware whether asked for as auto, cpu or cuda; the resolved hardware is recorded)
+VOLATILE = {"quiet", "out", "config", "resume", "stage", "overwrite", "device"}
+
+
+def _key(settings: dict, upstream: list[str], volatile: set = VOLATILE) -> str:
     blob = json.dumps({k: v for k, v in sorted(keyed(settings).items()) if k not in volatile}, sort_keys=True,
                       default=str) + "|" + "|".join(upstream)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _keys(settings: dict, upstream: list[str]) -> list[str]:
+    """The stage's key, then the keys earlier versions gave it (with the device string in
+    it), so that records of those runs stay valid."""
+    legacy = [_key({**settings, "device": d}, upstream, VOLATILE - {"device"})
+              for d in dict.fromkeys([settings.get("device", "auto"), "auto", "cpu", "cuda"]) if d is not None]
+    return [_key(settings, upstream)] + legacy
+
+
+def _hashes(outputs: dict, known: dict | None = None) -> dict:
+    """sha256 of every output that is a file (a folder output only has to exist)."""
+    from .checkpoint import file_hash  # (imports torch: only when a file changed or a stage ran)
+
+    return {k: (known or {}).get(p) or file_hash(p) for k, p in outputs.items() if Path(p).is_file()}
+
+
+def _stats(outputs: dict) -> dict:
+    """(size, mtime) of every output file: while they are unchanged the sha256 is not re-read."""
+    return {k: [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for k, p in outputs.items() if Path(p).is_file()}
+
+
+def _intact(rec: dict) -> bool:
+    """The record's outputs exist and have the sha256 recorded when the stage finished
+    (re-hashed only when a file's size or modification time changed)."""
+    if not all(Path(p).exists() for p in rec["outputs"].values()):
+        return False
+    if "sha256" not in rec:  # a record of an earlier version
+        return True
+    stats = _stats(rec["outputs"])
+    return stats == rec.get("stat") or _hashes(rec["outputs"]) == rec["sha256"]
+
+
+def _valid(rec: dict | None, keys: list[str], upstream: dict) -> bool:
+    """``rec`` is a finished stage with one of ``keys``, its outputs intact, its inputs current."""
+    if rec is None or rec.get("key") not in keys or not _intact(rec):
+        return False
+    return "inputs" not in rec or rec["inputs"] == {u: r.get("sha256") for u, r in upstream.items()}
+
+
+def _hardware(cfg: dict) -> str | None:
+    if not cfg.get("device"):
+        return None
+    import torch
+
+    from .config import resolve_device
+
+    dev = resolve_device(cfg["device"])
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 # ----------------------------------------------------------------------- stage bodies
@@ -75,6 +141,7 @@ def _model_stage(kind: str):
         from .train import finetune, train_ann
 
         r = {"train-ann": train_ann, "convert": convert, "finetune": finetune}[kind](cfg, ctx.reporter)
+        ctx.known_sha256[r["checkpoint"]] = r["sha256"]  # not read again to record it
         return {"checkpoint": r["checkpoint"], "metrics": str(Path(r["checkpoint"]).with_suffix(".json"))}
     return run
 
@@ -183,43 +250,67 @@ def reproduce(config_path: str | Path, run_dir: str | Path | None = None, only: 
         selected = set(names[names.index(start):])
     if only:
         selected = set(only)
+    with Outputs(note=reporter.print) as outputs:
+        outputs.claim([run_dir], {"config": str(config_path)}, folder=True, replace=[])
+        remove_orphans(run_dir, recursive=True)
+        return _run(ctx, plan, selected, max_stages, quiet, flags, config_path)
+
+
+def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None, quiet: bool, flags: dict | None,
+         config_path) -> dict:
+    run_dir, reporter, names = ctx.run_dir, ctx.reporter, [s.name for s in plan]
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     for s in plan:  # earlier records (needed to wire the outputs of skipped stages)
         rec = run_dir / "stages" / f"{s.name}.json"
         if rec.exists():
             ctx.records[s.name] = json.loads(rec.read_text())
     ran, t_start = 0, time.perf_counter()
+    current: dict[str, bool] = {}  # stage -> its record is valid for this config and these inputs
+    rerun: set[str] = set()        # stages that ran in this call (what depends on them re-runs)
+    stopped = False
     reporter.print(f"[bold]reproduce[/] {config_path} -> {run_dir} ({len(plan)} stages)")
     for i, s in enumerate(plan, 1):
+        current[s.name] = False
         missing = [u for u in s.needs if u not in ctx.records]
         if missing:
-            if s.name in selected:
+            if s.name in selected and not stopped:
                 raise SnnadvError(f"stage '{s.name}' needs {', '.join(missing)} first (run without --only)")
             continue
         overrides = s.overrides(ctx)
-        cfg = resolve(s.kind, config, {**(flags or {}), **overrides, "quiet": quiet}) if s.kind != "report" else {}
-        key = _key(cfg, [ctx.records[u]["key"] for u in s.needs])
-        rec = ctx.records.get(s.name)
-        done = rec is not None and rec["key"] == key and all(Path(p).exists() for p in rec["outputs"].values())
+        cfg = resolve(s.kind, ctx.config, {**(flags or {}), **overrides, "quiet": quiet}) if s.kind != "report" else {}
+        keys = _keys(cfg, [ctx.records[u]["key"] for u in s.needs])
+        done = (all(current[u] for u in s.needs) and not rerun.intersection(s.needs)
+                and _valid(ctx.records.get(s.name), keys, {u: ctx.records[u] for u in s.needs}))
+        current[s.name] = done
+        if stopped:
+            continue
         if done or s.name not in selected:
             reporter.print(f"[dim][{i}/{len(plan)}] {s.name}: {'done' if done else 'not selected'}[/]")
             continue
+        stale = [u for u in s.needs if not current[u]]
+        if stale:
+            raise SnnadvError(f"stage '{s.name}' needs {', '.join(stale)} first: its output is missing, changed or "
+                              f"made with other settings (run without --only/--from)")
         if max_stages is not None and ran >= max_stages:
             reporter.print(f"stopping after {ran} stage(s) (--max-stages); run again to continue")
-            break
-        _prepare_resume(s, cfg, key, run_dir)
+            stopped = True
+            continue
+        _prepare_resume(s, cfg, keys[0], run_dir)
         elapsed = time.perf_counter() - t_start
         eta = f", ~{elapsed / ran * (len(plan) - i + 1) / 60:.1f} min left at this pace" if ran else ""
         reporter.print(f"[bold cyan][{i}/{len(plan)}] {s.name}[/] ({s.kind}){eta}")
         t0 = time.perf_counter()
         outputs = s.run(cfg, ctx)
-        record = {"stage": s.name, "key": key, "outputs": outputs, "seconds": time.perf_counter() - t0,
-                  "needs": s.needs}
+        record = {"stage": s.name, "key": keys[0], "outputs": outputs, "seconds": time.perf_counter() - t0,
+                  "needs": s.needs, "sha256": _hashes(outputs, ctx.known_sha256), "stat": _stats(outputs),
+                  "inputs": {u: ctx.records[u].get("sha256") for u in s.needs}, "hardware": _hardware(cfg)}
         write_json(run_dir / "stages" / f"{s.name}.json", record)
         ctx.records[s.name] = record
         (run_dir / "stages" / f"{s.name}.started").unlink(missing_ok=True)
+        current[s.name] = True
+        rerun.add(s.name)
         ran += 1
-    summary = {n: ctx.records[n] for n in names if n in ctx.records}
+    summary = {n: ctx.records[n] for n in names if current[n]}
     write_json(run_dir / "reproduce.json", {"config": str(config_path), "run_dir": str(run_dir),
                                             "stages": summary, "complete": len(summary) == len(plan)})
     reporter.print(f"results in {run_dir} ({len(summary)}/{len(plan)} stages done)"
@@ -228,13 +319,23 @@ def reproduce(config_path: str | Path, run_dir: str | Path | None = None, only: 
 
 
 def _prepare_resume(stage: Stage, cfg: dict, key: str, run_dir: Path) -> None:
-    """Resume an interrupted training stage if it was started with the same key."""
+    """Resume an interrupted training stage if it was started with the same key and its
+    checkpoint is readable; otherwise the stage starts afresh and its new output replaces
+    the old one once complete (a training run: after its first epoch)."""
     marker = run_dir / "stages" / f"{stage.name}.started"
     out = Path(cfg["out"]) if cfg.get("out") else None
-    if stage.kind in ("train-ann", "finetune") and out is not None:
-        same = marker.exists() and marker.read_text().strip() == key
-        if out.exists() and same:
-            cfg["resume"] = True
-        elif out.exists():
-            out.unlink()  # a checkpoint of other settings: start afresh
+    same = marker.exists() and marker.read_text().strip() == key
+    if stage.kind in ("train-ann", "finetune") and out is not None and out.exists() and same and _resumable(out):
+        cfg["resume"] = True
+    else:
+        cfg["overwrite"] = True
     marker.write_text(key)
+
+
+def _resumable(path: Path) -> bool:
+    from .checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path).get("train_state") is not None
+    except CheckpointError:
+        return False

@@ -31,6 +31,7 @@ from .data import load_split, to_float
 from .errors import SnnadvError
 from .evaluate import accuracy_on, decode_correct, is_snn
 from .gradients import make_gradient
+from .outputs import Outputs, guarded
 from .report import Reporter, atomic_write_text, write_json
 from .stats import compare
 
@@ -83,11 +84,15 @@ def _attack_settings(cfg: dict) -> dict:
             "warnings": warnings}
 
 
-def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
+@guarded
+def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """``snnadv attack``: craft on the source, evaluate clean and adversarial accuracy of the target."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg["source_ckpt"] is None:
         raise SnnadvError("attack needs --source-ckpt")
+    out = Path(cfg["out"] or "runs/attack.json")
+    out = out if out.suffix == ".json" else out / "attack.json"
+    outputs.claim([out], cfg, inputs={"--source-ckpt": cfg["source_ckpt"], "--target-ckpt": cfg["target_ckpt"]})
     for role in ("source", "target"):
         if cfg[role] is not None and cfg[role] not in KINDS:
             raise SnnadvError(f"unknown {role} kind '{cfg[role]}' (choose {', '.join(KINDS)})")
@@ -147,8 +152,7 @@ def run_attack(cfg: dict, reporter: Reporter | None = None) -> dict:
                    ["target", "clean %", "adversarial %", "Δ (paired)", "images", "draws"],
                    [[tgt_info["stage"], cell_text(clean), cell_text(adv_acc), delta_text(diff), len(images), draws]])
     reporter.print(SIGNIFICANCE_NOTE)
-    out = Path(cfg["out"] or "runs/attack.json")
-    write_json(out if out.suffix == ".json" else out / "attack.json", result)
+    write_json(out, result)
     return result
 
 
@@ -171,9 +175,14 @@ def _predict(model, images, batch_size, seed):
 ROLES = {"ann": "ANN", "snn_conv": "SNN-conv", "snn_bp": "SNN-BP"}
 
 
-def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
+@guarded
+def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """Paper Table 1 (whitebox + blackbox from ANN-II) and Table 2 (sources II x targets I)."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
+    out = Path(cfg["out"] or "runs/table")
+    out = out.parent / out.stem if out.suffix else out
+    outputs.claim([out, out / "tables.json", out / "tables.md"], cfg, folder=True, replace=[out / "tables.json"],
+                  inputs={f"[table] {r}{x}": cfg.get(r + x) for r in ROLES for x in ("", "_ii")})
     settings = _attack_settings(cfg)
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -227,8 +236,6 @@ def run_table(cfg: dict, reporter: Reporter | None = None) -> dict:
                             for a in ("fgsm", "pgd")}
     result["comparisons"] = comparisons(result, seed)
     _print_tables(result, reporter)
-    out = Path(cfg["out"] or "runs/table")
-    out = out.parent / out.stem if out.suffix else out
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tables.json", result)
     atomic_write_text(out / "tables.md", tables_markdown(result))

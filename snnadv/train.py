@@ -28,6 +28,7 @@ from .errors import CheckpointError, Interrupted, SnnadvError, TrainingError
 from .evaluate import accuracy
 from .models import ANN, get_spec
 from .neurons import make_surrogate
+from .outputs import Outputs, checkpoint_paths, guarded, replacing
 from .report import Reporter, write_json
 
 
@@ -132,10 +133,7 @@ def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: in
 
 
 def _outputs(cfg: dict, default_name: str) -> tuple[Path, Path]:
-    out = Path(cfg["out"] or f"runs/{default_name}.pt")
-    if out.suffix != ".pt":
-        out = out / f"{default_name}.pt"
-    return out, out.with_suffix(".json")
+    return checkpoint_paths(cfg["out"], default_name)
 
 
 def _setup(cfg: dict):
@@ -231,8 +229,13 @@ def make_optimizer(cls, params, **kw) -> torch.optim.Optimizer:
         return cls(params, **kw)
 
 
-def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
-    """Train an ANN with the paper's recipe (SGD, momentum, step schedule)."""
+@guarded
+def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
+    """Train an ANN with the paper's recipe (SGD, momentum, step schedule).
+
+    The checkpoint at ``--out`` is claimed first (:mod:`snnadv.outputs`: not an input,
+    writable, not an existing result without ``resume``/``overwrite``, locked).
+    """
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     epochs0, lr0, milestones0 = ANN_SCHEDULE.get(cfg["arch"], ANN_SCHEDULE["vgg5"])
     cfg = {**cfg, "epochs": epochs0 if cfg["epochs"] is None else cfg["epochs"],
@@ -243,8 +246,9 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     if cfg["milestones"] is None:  # scale the paper's milestones to a shorter run (never epoch 0)
         cfg["milestones"] = [max(1, round(m * cfg["epochs"] / epochs0)) for m in milestones0]
     spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
-    device, train, test = _setup(cfg)
     out, metrics_path = _outputs(cfg, f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
+    outputs.claim([out, metrics_path], cfg, resumable=True)
+    device, train, test = _setup(cfg)
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
     if resume:
         check_resume_settings(out, resume.get("config") or {}, given)
@@ -258,6 +262,7 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     reporter.print(f"training ANN {cfg['arch']} on {cfg['dataset']} ({len(train)} train / {len(test)} test, "
                    f"{device}) for {cfg['epochs']} epochs")
 
+    @replacing(stale=[] if resume else [metrics_path])
     def checkpoint_fn(state):
         save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
                               "metrics": {"history": state["history"]}, "train_state": state})
@@ -268,7 +273,8 @@ def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     return _finish(base, history, out, metrics_path, cfg, reporter)
 
 
-def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
+@guarded
+def finetune(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """Hybrid SNN-BP training (Sec. 3.2): BPTT from a converted SNN, thresholds fixed."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg["checkpoint"] is None:
@@ -279,6 +285,8 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
     parent = load_checkpoint(cfg["checkpoint"], ("snn-conv", "snn-bp"))
     arch = parent["spec"]["arch"]
     cfg = {**cfg, "dataset": parent["dataset"], "timesteps": cfg["timesteps"] or FINETUNE_STEPS.get(arch, 100)}
+    out, metrics_path = _outputs(cfg, f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
+    outputs.claim([out, metrics_path], cfg, inputs={"--checkpoint": cfg["checkpoint"]}, resumable=True)
     scale = cfg["scale"] if cfg["scale"] is not None else (
         parent["model"].get("finetune_scale", 1.0) if parent["stage"] == "snn-conv" else 1.0)
     device, train, test = _setup(cfg)
@@ -287,7 +295,6 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
                         surrogate={"name": sur.name, **sur.params()}, precision=cfg.get("precision"))
     model.set_thresholds({k: v * scale for k, v in model.thresholds().items()})
     model.kind = "snn-bp"
-    out, metrics_path = _outputs(cfg, f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
     resume = _resume_state(out, cfg, "snn-bp", arch)
     if resume:
         then = {**{k: resume["config"].get(k) for k in RESUME_KEYS["snn-bp"] if k in (resume.get("config") or {})},
@@ -313,6 +320,7 @@ def finetune(cfg: dict, reporter: Reporter | None = None) -> dict:
                    f"surrogate={sur!r}, thresholds x{scale}) on {len(train)} images, {device}; "
                    f"test accuracy before: {before:.2f}%")
 
+    @replacing(stale=[] if resume else [metrics_path])
     def checkpoint_fn(state):
         save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
                               "metrics": {"history": state["history"], "test_acc_before": before},

@@ -215,7 +215,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(shared_data,
     train_ann(_tiny_cfg(shared_data, out))
     before = file_hash(out), out.with_suffix(".json").read_bytes()
     with pytest.raises(TrainingError) as e:
-        train_ann(_tiny_cfg(shared_data, out, lr=1e6))
+        train_ann(_tiny_cfg(shared_data, out, lr=1e6, overwrite=True))
     msg = str(e.value)
     assert "nan" in msg.lower() and "\n" not in msg
     assert (file_hash(out), out.with_suffix(".json").read_bytes()) == before
@@ -280,7 +280,7 @@ def test_deferred_loss_reads_change_nothing_and_still_stop_on_nan(shared_data, t
         assert (a["loss"], a["train_acc"], a["test_acc"]) == (b["loss"], b["train_acc"], b["test_acc"])
     before = file_hash(deferred)
     with pytest.raises(TrainingError) as e:
-        train_ann(_tiny_cfg(shared_data, deferred, lr=1e6))
+        train_ann(_tiny_cfg(shared_data, deferred, lr=1e6, overwrite=True))
     msg = str(e.value)
     assert "not finite" in msg and "batch" in msg and "\n" not in msg
     assert file_hash(deferred) == before

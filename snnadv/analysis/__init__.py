@@ -13,14 +13,17 @@ Each writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` into its run dire
 (see :mod:`snnadv.analysis.common`).  matplotlib is imported only to draw.
 """
 
+from .common import claimed
 from .encoder import encoder_analysis
 from .eq7 import eq7_analysis
 from .markdown import build_report
 from .perturbation import perturbation_analysis
 from .sweep import leak_sweep, timesteps_sweep
 
-ANALYZE = {"timesteps": timesteps_sweep, "leak": leak_sweep, "eq7": eq7_analysis, "encoder": encoder_analysis,
-           "perturbation": perturbation_analysis}
+#: the analyses by name, each claiming its run directory first (snnadv.outputs)
+ANALYZE = {name: claimed(name, fn) for name, fn in
+           {"timesteps": timesteps_sweep, "leak": leak_sweep, "eq7": eq7_analysis, "encoder": encoder_analysis,
+            "perturbation": perturbation_analysis}.items()}
 
 __all__ = ["ANALYZE", "build_report", "encoder_analysis", "eq7_analysis", "leak_sweep", "perturbation_analysis",
            "timesteps_sweep"]

@@ -16,6 +16,7 @@ analysis: ``analysis``, ``title``, ``figure``, ``csv``, ``settings``, ``inputs``
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ from ..report import atomic_target, atomic_write_text, write_json
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")
 
 #: settings that never change a result (left out of signatures and reports)
-VOLATILE = ("out", "quiet", "config", "stage", "resume", "device", "download", "force")
+VOLATILE = ("out", "quiet", "config", "stage", "resume", "overwrite", "device", "download", "force")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -146,11 +147,37 @@ def bits_label(bits: int | None) -> str:
 
 
 # --------------------------------------------------------------------------- run directories
-def run_dir(cfg: dict, name: str) -> Path:
-    """The run directory of an analysis: ``--out`` (a file name is taken as its stem)."""
+def run_dir_path(cfg: dict, name: str) -> Path:
+    """``--out`` (a file name is taken as its stem), default ``runs/analysis/<name>``."""
     out = Path(cfg.get("out") or f"runs/analysis/{name}")
-    if out.suffix in (".json", ".csv", ".png", ".md"):
-        out = out.parent / out.stem
+    return out.parent / out.stem if out.suffix in (".json", ".csv", ".png", ".md") else out
+
+
+#: analyses that keep every finished setting and continue when run again (their run
+#: directory is resumed, not replaced: ``--force`` recomputes)
+RESUMABLE = ("timesteps", "leak")
+
+
+def claimed(name: str, fn):
+    """``fn(cfg, reporter)`` with its run directory claimed first (:mod:`snnadv.outputs`): not
+    an input's folder, writable, locked; an existing ``<name>.json`` of a one-shot analysis
+    is replaced only with ``--overwrite``."""
+    @functools.wraps(fn)
+    def run(cfg: dict, reporter=None) -> dict:
+        from ..outputs import Outputs
+
+        out = run_dir_path(cfg, name)
+        inputs = {f"--{k.replace('_', '-')}": cfg.get(k) for k in ("checkpoint", "source_ckpt", "ann_ckpt")}
+        with Outputs() as outputs:
+            outputs.claim([out], cfg, inputs=inputs, folder=True,
+                          replace=[] if name in RESUMABLE else [out / f"{name}.json"])
+            return fn(cfg, reporter)
+    return run
+
+
+def run_dir(cfg: dict, name: str) -> Path:
+    """The run directory of an analysis (:func:`run_dir_path`), created."""
+    out = run_dir_path(cfg, name)
     if out.exists() and not out.is_dir():
         raise SnnadvError(f"--out '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -257,7 +257,8 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
         finetune_metrics = None
         if s.model == "snn-bp":
             if state != "complete":
-                train_mod.finetune({**ft_cfg, "resume": state == "resumable"}, reporter)
+                train_mod.finetune({**ft_cfg, "resume": state == "resumable", "overwrite": state == "fresh"},
+                                   reporter)
             model, info, ck = rob.load_attack_model(pt, "snn-bp", device, precision=cfg.get("precision"))
             finetune_metrics = {k: v for k, v in ck.get("metrics", {}).items()}
             models["finetuned"] = info
