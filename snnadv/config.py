@@ -41,6 +41,10 @@ COMMON = {
     "precision": "fp32",  # SNN synaptic layers: fp32 | bf16 (autocast; membranes stay fp32)
 }
 
+#: settings taken from the command line (and library callers) only, never from a config
+#: file: replacing an existing result has to be asked for each time (snnadv.outputs)
+FLAG_ONLY = {"overwrite": False}
+
 #: per-stage defaults: the paper's recipe (Sec. 3.2, reference-notes.md)
 STAGES = {
     "train-ann": {
@@ -178,7 +182,7 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
                 given.add(key)
     for key, value in (flags or {}).items():
         if value is not None and key != "config":
-            if key not in defaults:
+            if key not in defaults and key not in FLAG_ONLY:
                 raise SnnadvError(f"unknown setting '{key}' for {stage}{_did_you_mean(key, defaults)}")
             out[key] = check_setting(stage, key, value)
             given.add(key)
@@ -384,7 +388,7 @@ SCHEMA: dict = {
     "lr": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "milestones": Setting("ints", 1, MAX_EPOCHS, optional=True), "momentum": _F(0, 1),
     "weight_decay": _F(0, 1), "input_bits": _BITS, "input_range": Setting("choice", choices=("unit", "signed")),
-    "resume": _BOOL,
+    "resume": _BOOL, "overwrite": _BOOL,
     # convert
     "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
     "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),
