@@ -289,6 +289,17 @@ def test_lsuv_init_gives_every_layer_unit_output_std():
     assert len(stds) == 4 and stds == pytest.approx([1.0] * 4, abs=0.02)
 
 
+def test_recipe_settings_at_their_defaults_keep_the_keys_of_earlier_runs():
+    """reproduce keys a stage by its settings: paper-recipe runs made before these
+    settings existed must keep their keys (and not be recomputed)."""
+    from snnadv.config import keyed
+
+    recipe = {"optimizer", "nesterov", "schedule", "warmup", "label_smoothing", "init", "channels_last"}
+    assert recipe <= set(resolve("train-ann"))
+    assert not recipe & set(keyed(resolve("train-ann")))
+    assert "init" in keyed(resolve("train-ann", flags={"init": "lsuv"}))
+
+
 @pytest.mark.parametrize("kw", [dict(optimizer="lamb"), dict(schedule="exp"), dict(init="xavier"),
                                 dict(schedule="linear", warmup=1), dict(warmup=0.5),
                                 dict(optimizer="adamw", nesterov=True), dict(label_smoothing=1.0)])
