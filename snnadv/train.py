@@ -221,8 +221,9 @@ def lsuv_init(model: torch.nn.Module, images: torch.Tensor, rounds: int = 3) -> 
 
     Every convolution and linear layer, in order, gets an orthogonal weight scaled so
     that its output on ``images`` (a training batch in [0, 1], dropout off) has unit
-    standard deviation.  Without batch norm this keeps every layer's activations at
-    the same scale, so the bias-free VGG trains at a high learning rate from the start.
+    standard deviation.  Without batch norm this puts every layer's activations on the
+    same scale at the start (with AdamW, VGG5 then learns from the first epoch; SGD at
+    lr 0.05 was unstable from it: see configs/vgg5_cifar10_cpu.toml).
     """
     was_training = model.training
     model.eval()
@@ -257,7 +258,7 @@ def _ann_schedule(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int):
 
 def train_ann(cfg: dict, reporter: Reporter | None = None) -> dict:
     """Train an ANN: the paper's recipe (SGD, momentum, step schedule) by default, or the
-    faster one of ``configs/vgg5_cifar10_cpu.toml`` (LSUV init, Nesterov, warm-up and a
+    faster one of ``configs/vgg5_cifar10_cpu.toml`` (LSUV init, AdamW, warm-up and a
     per-batch linear decay; see the ``train-ann`` settings in :mod:`snnadv.config`)."""
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     epochs0, lr0, milestones0 = ANN_SCHEDULE.get(cfg["arch"], ANN_SCHEDULE["vgg5"])
