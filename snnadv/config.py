@@ -50,6 +50,9 @@ STAGES = {
     "train-ann": {
         "arch": "vgg5", "epochs": None, "lr": None, "milestones": None, "momentum": 0.9,
         "weight_decay": 1e-4, "input_bits": None, "input_range": "unit", "resume": False,
+        # a faster recipe for a CPU (configs/vgg5_cifar10_cpu.toml); these defaults are the paper's
+        "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0, "label_smoothing": 0.0,
+        "init": "he", "channels_last": False,
     },
     "convert": {
         "checkpoint": None, "timesteps": 2500, "batches": 1, "percentile": 100.0, "scale": 0.7,
@@ -109,7 +112,8 @@ FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 
 #: settings added after runs were first keyed (reproduce stages, sweep settings): at
 #: these values they are left out of the keys, so results computed before stay valid
-LATE_DEFAULTS = {"precision": "fp32"}
+LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0,
+                 "label_smoothing": 0.0, "init": "he", "channels_last": False}
 
 
 def keyed(settings: dict) -> dict:
@@ -389,6 +393,9 @@ SCHEMA: dict = {
     "milestones": Setting("ints", 1, MAX_EPOCHS, optional=True), "momentum": _F(0, 1),
     "weight_decay": _F(0, 1), "input_bits": _BITS, "input_range": Setting("choice", choices=("unit", "signed")),
     "resume": _BOOL, "overwrite": _BOOL,
+    "optimizer": Setting("choice", choices=("sgd", "adamw")), "nesterov": _BOOL,
+    "schedule": Setting("choice", choices=("step", "linear", "cosine")), "warmup": _F(0, MAX_EPOCHS),
+    "label_smoothing": _F(0, 0.999), "init": Setting("choice", choices=("he", "lsuv")), "channels_last": _BOOL,
     # convert
     "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
     "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),
@@ -473,6 +480,13 @@ def check_cross(cfg: dict, given=None) -> None:
         if bad:
             raise SnnadvError(f"milestones must be epochs in [1, {cfg['epochs']}] (epochs {cfg['epochs']}), "
                               f"got {bad[0]}")
+    if cfg.get("stage") == "train-ann":
+        if cfg.get("warmup") and cfg.get("schedule") == "step":
+            raise SnnadvError("warmup needs schedule = 'linear' or 'cosine' (the step schedule has none)")
+        if cfg.get("epochs") and cfg.get("warmup", 0) >= cfg["epochs"]:
+            raise SnnadvError(f"warmup must be below the {cfg['epochs']} epochs, got {cfg['warmup']}")
+        if cfg.get("nesterov") and (cfg.get("optimizer") != "sgd" or not cfg.get("momentum")):
+            raise SnnadvError("nesterov needs optimizer = 'sgd' with a momentum above 0")
     if cfg.get("stage") == "convert" and "curve" in given:
         above = [t for t in cfg["curve"] if t > cfg["timesteps"]]
         if above:

@@ -18,7 +18,7 @@ from snnadv.errors import CheckpointError, SnnadvError, TrainingError
 from snnadv.evaluate import accuracy
 from snnadv.models import ANN, ArchSpec, get_spec
 from snnadv.models.spec import tiny
-from snnadv.train import train_ann
+from snnadv.train import lsuv_init, train_ann
 
 #: a tiny, fast training run (seconds on a CPU)
 TINY = dict(arch="tiny", epochs=1, lr=0.05, batch_size=64, train_subset=640, test_subset=100, seed=0,
@@ -163,9 +163,15 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
 # -- training runs on tiny ----------------------------------------------------------------------
 
 
-def test_resume_after_interruption_equals_uninterrupted(shared_data, tmp_path, monkeypatch):
+#: the fast CPU recipe's settings (configs/vgg5_cifar10_cpu.toml), on tiny
+CPU_RECIPE = dict(nesterov=True, schedule="linear", warmup=0.5, init="lsuv", channels_last=True,
+                  label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("recipe", [{}, CPU_RECIPE], ids=["paper", "cpu-recipe"])
+def test_resume_after_interruption_equals_uninterrupted(shared_data, tmp_path, monkeypatch, recipe):
     straight = tmp_path / "straight.pt"
-    r_straight = train_ann(_tiny_cfg(shared_data, straight, epochs=3))
+    r_straight = train_ann(_tiny_cfg(shared_data, straight, epochs=3, **recipe))
 
     # the same run, interrupted (Ctrl-C) right after epoch 2's checkpoint was written
     real_save, saves = snnadv.train.save_checkpoint, []
@@ -179,11 +185,11 @@ def test_resume_after_interruption_equals_uninterrupted(shared_data, tmp_path, m
     broken = tmp_path / "broken.pt"
     monkeypatch.setattr(snnadv.train, "save_checkpoint", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train_ann(_tiny_cfg(shared_data, broken, epochs=3))
+        train_ann(_tiny_cfg(shared_data, broken, epochs=3, **recipe))
     monkeypatch.setattr(snnadv.train, "save_checkpoint", real_save)
     assert load_checkpoint(broken)["train_state"]["epoch"] == 2
 
-    r_resumed = train_ann(_tiny_cfg(shared_data, broken, epochs=3, resume=True))
+    r_resumed = train_ann(_tiny_cfg(shared_data, broken, epochs=3, resume=True, **recipe))
     _assert_same_weights(_weights(straight), _weights(broken))
     strip = lambda h: [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in h]
     assert strip(r_resumed["metrics"]["history"]) == strip(r_straight["metrics"]["history"])
@@ -261,6 +267,49 @@ def test_short_run_trains_its_first_epoch_at_the_given_lr(shared_data, tmp_path)
     r = train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", arch="vgg5", epochs=1, train_subset=64,
                             test_subset=10))
     assert r["metrics"]["history"][0]["lr"] == pytest.approx(0.05)
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero_batch_by_batch(shared_data, tmp_path):
+    """warmup = 1 of 2 epochs: the lr climbs to its peak over epoch 1 (read at its end)
+    and falls linearly to 0 over epoch 2; the paper's step schedule would keep it at 0.05."""
+    r = train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", epochs=2, schedule="linear", warmup=1))
+    assert [row["lr"] for row in r["metrics"]["history"]] == pytest.approx([0.05, 0.0])
+
+
+def test_lsuv_init_gives_every_layer_unit_output_std():
+    model = ANN(get_spec("tiny", 10))
+    images = torch.rand(64, 3, 32, 32)
+    lsuv_init(model, images)
+    assert model.training  # returned to its mode
+    stds = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: stds.append(float(out.std())))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model.eval()(images)
+    for h in hooks:
+        h.remove()
+    assert len(stds) == 4 and stds == pytest.approx([1.0] * 4, abs=0.02)
+
+
+def test_recipe_settings_at_their_defaults_keep_the_keys_of_earlier_runs():
+    """reproduce keys a stage by its settings: paper-recipe runs made before these
+    settings existed must keep their keys (and not be recomputed)."""
+    from snnadv.config import keyed
+
+    recipe = {"optimizer", "nesterov", "schedule", "warmup", "label_smoothing", "init", "channels_last"}
+    assert recipe <= set(resolve("train-ann"))
+    assert not recipe & set(keyed(resolve("train-ann")))
+    assert "init" in keyed(resolve("train-ann", flags={"init": "lsuv"}))
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="lamb"), dict(schedule="exp"), dict(init="xavier"),
+                                dict(schedule="linear", warmup=1), dict(warmup=0.5),
+                                dict(optimizer="adamw", nesterov=True), dict(label_smoothing=1.0)])
+def test_bad_recipe_settings_are_one_line_errors(shared_data, tmp_path, kw):
+    with pytest.raises(SnnadvError) as e:
+        train_ann(_tiny_cfg(shared_data, tmp_path / "a.pt", **kw))
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
 
 
 def test_deferred_loss_reads_change_nothing_and_still_stop_on_nan(shared_data, tmp_path, monkeypatch):
