@@ -478,7 +478,9 @@ def test_ctrl_c_says_which_epoch_is_saved_where(shared_data, tmp_path):
            "--arch", "tiny", "--epochs", "400", "--train-subset", "64", "--test-subset", "10",
            "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (a background
+    # test run may have inherited SIG_IGN, which the child would keep)
     deadline = time.time() + 240
     while not out.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
