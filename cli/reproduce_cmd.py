@@ -5,6 +5,11 @@ from __future__ import annotations
 import click
 
 from .main import cli
+from .options import common_options, flags
+
+#: the shared options reproduce passes to every stage (they override the config)
+STAGE_OPTIONS = ("--data-dir", "--dataset", "--download", "--device", "--precision", "--batch-size",
+                 "--train-subset", "--test-subset", "--seed", "--quiet")
 
 
 @cli.command("reproduce")
@@ -13,10 +18,17 @@ from .main import cli
 @click.option("--only", multiple=True, help="Run only this stage (repeatable); its inputs must be done.")
 @click.option("--from", "start", help="Run from this stage on (earlier completed stages are re-used).")
 @click.option("--max-stages", type=click.IntRange(min=0), help="Stop after running this many stages (continue later).")
-@click.option("--device", help="auto | cpu | cuda.")
-@click.option("--quiet", is_flag=True, help="No progress display.")
-def reproduce(config, run_dir, only, start, max_stages, device, quiet):
-    """Train two ANNs, convert, fine-tune, and produce the paper's tables, figures and report."""
+@common_options(only=STAGE_OPTIONS,
+                seed=dict(help="The two seeds I,II of the pipeline, as 'A,B' (default: [reproduce] seeds, 0,1)."))
+def reproduce(config, run_dir, only, start, max_stages, **kw):
+    """Train two ANNs, convert, fine-tune, and produce the paper's tables, figures and report.
+
+    The shared options (--data-dir, --download, --device, --batch-size, ...) override
+    every stage's config, e.g. the full CIFAR-10 without editing the config:
+    snnadv reproduce --config configs/vgg5_cifar10_cpu.toml --data-dir ~/cifar10
+    """
     from snnadv.reproduce import reproduce as run
 
-    run(config, run_dir, list(only) or None, start, max_stages, quiet, {"device": device} if device else None)
+    given = flags(kw)
+    quiet = bool(given.pop("quiet", False))
+    run(config, run_dir, list(only) or None, start, max_stages, quiet, given)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import keyed, read_config, resolve
+from .config import keyed, read_config, resolve, setting
 from .errors import CheckpointError, SnnadvError
 from .outputs import Outputs, remove_orphans
 from .report import Reporter, write_json
@@ -231,12 +231,18 @@ def _evaluate(cfg: dict, ctx: Context) -> dict:
 def reproduce(config_path: str | Path, run_dir: str | Path | None = None, only: list[str] | None = None,
               start: str | None = None, max_stages: int | None = None, quiet: bool = False,
               flags: dict | None = None) -> dict:
-    """Run (or resume) the pipeline; returns ``{stage: record}`` of the stages that are done."""
+    """Run (or resume) the pipeline; returns ``{stage: record}`` of the stages that are done.
+
+    ``flags`` override every stage's settings (the command line's --data-dir, --device,
+    --batch-size, ...); ``flags["seed"]`` is the pair of seeds ("A,B" or a list).
+    """
     config = read_config(config_path)
     rcfg = config.get("reproduce", {})
     run_dir = Path(run_dir or rcfg.get("run_dir") or f"runs/{Path(config_path).stem}")
     reporter = Reporter(quiet=quiet)
-    seeds = list(rcfg.get("seeds", [0, 1]))
+    flags = dict(flags or {})
+    seeds = list(setting("reproduce", "seeds").check("--seed", flags.pop("seed")) if "seed" in flags
+                 else rcfg.get("seeds", [0, 1]))
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise SnnadvError(f"[reproduce] seeds must be two different seeds, got {seeds}")
     ctx = Context(run_dir, config, reporter, seeds)

@@ -124,3 +124,27 @@ def test_reproduce_bad_input(tmp_path, shared_data, capsys):
         assert main(args) != 0
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, err
+
+
+def test_cli_options_override_every_stage(shared_data, tmp_path, capsys):
+    """reproduce takes the shared options (data, subsets, batch size, the pair of seeds)
+    and passes them to every stage, overriding the config; bad values are one line."""
+    from snnadv.cli.main import main
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.format(data=tmp_path / "no-such-data", lr="1e-4"))
+    run_dir = tmp_path / "run"
+    args = ["reproduce", "--config", str(cfg), "--run-dir", str(run_dir), "--max-stages", "1", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir DIR" in err and "--download" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--data-dir", str(shared_data), "--seed", "3,4", "--batch-size", "32",
+                        "--train-subset", "320", "--test-subset", "30", "--device", "cpu"]) == 0
+    ann = json.loads((run_dir / "models" / "ann.json").read_text())["config"]
+    assert (ann["data_dir"], ann["seed"], ann["batch_size"], ann["train_subset"], ann["test_subset"]) == \
+        (str(shared_data), 3, 32, 320, 30)
+    capsys.readouterr()
+    for bad in ("3", "3,3", "a,b"):
+        assert main(args + ["--data-dir", str(shared_data), "--seed", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
