@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import glob
 import os
 import re
 import socket
@@ -241,7 +242,7 @@ def remove_orphans(path: Path, recursive: bool = False) -> list[Path]:
         candidates = path.rglob(".*") if recursive else path.glob(".*")
     else:
         pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)-)?[A-Za-z0-9_]{{8}}\.(?:tmp|png)$")
-        candidates = path.parent.glob(f".{glob_escape(path.name)}.*")
+        candidates = path.parent.glob(f".{glob.escape(path.name)}.*")
     removed = []
     for p in candidates:
         m = pattern.match(p.name)
@@ -249,10 +250,6 @@ def remove_orphans(path: Path, recursive: bool = False) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 # --------------------------------------------------------------------------- claims

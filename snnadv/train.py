@@ -136,10 +136,6 @@ def fit(model, train, test, *, optimizer, scheduler, epochs: int, batch_size: in
     return history
 
 
-def _outputs(cfg: dict, default_name: str) -> tuple[Path, Path]:
-    return checkpoint_paths(cfg["out"], default_name)
-
-
 def _setup(cfg: dict):
     check_positive(cfg, "epochs", "batch_size", "lr")
     if cfg["dataset"] not in DATASETS:
@@ -294,7 +290,7 @@ def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     if cfg["milestones"] is None:  # scale the paper's milestones to a shorter run (never epoch 0)
         cfg["milestones"] = [max(1, round(m * cfg["epochs"] / epochs0)) for m in milestones0]
     spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
-    out, metrics_path = _outputs(cfg, f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
+    out, metrics_path = checkpoint_paths(cfg["out"], f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
     outputs.claim([out, metrics_path], cfg, resumable=True)
     device, train, test = _setup(cfg)
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
@@ -341,7 +337,7 @@ def finetune(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | Non
     parent = load_checkpoint(cfg["checkpoint"], ("snn-conv", "snn-bp"))
     arch = parent["spec"]["arch"]
     cfg = {**cfg, "dataset": parent["dataset"], "timesteps": cfg["timesteps"] or FINETUNE_STEPS.get(arch, 100)}
-    out, metrics_path = _outputs(cfg, f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
+    out, metrics_path = checkpoint_paths(cfg["out"], f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
     outputs.claim([out, metrics_path], cfg, inputs={"--checkpoint": cfg["checkpoint"]}, resumable=True)
     scale = cfg["scale"] if cfg["scale"] is not None else (
         parent["model"].get("finetune_scale", 1.0) if parent["stage"] == "snn-conv" else 1.0)
