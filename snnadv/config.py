@@ -52,7 +52,7 @@ STAGES = {
         "weight_decay": 1e-4, "input_bits": None, "input_range": "unit", "resume": False,
         # a faster recipe for a CPU (configs/vgg5_cifar10_cpu.toml); these defaults are the paper's
         "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0, "label_smoothing": 0.0,
-        "init": "he", "channels_last": False,
+        "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
     },
     "convert": {
         "checkpoint": None, "timesteps": 2500, "batches": 1, "percentile": 100.0, "scale": 0.7,
@@ -113,7 +113,7 @@ FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 #: settings added after runs were first keyed (reproduce stages, sweep settings): at
 #: these values they are left out of the keys, so results computed before stay valid
 LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0,
-                 "label_smoothing": 0.0, "init": "he", "channels_last": False}
+                 "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5}
 
 
 def keyed(settings: dict) -> dict:
@@ -396,6 +396,7 @@ SCHEMA: dict = {
     "optimizer": Setting("choice", choices=("sgd", "adamw")), "nesterov": _BOOL,
     "schedule": Setting("choice", choices=("step", "linear", "cosine")), "warmup": _F(0, MAX_EPOCHS),
     "label_smoothing": _F(0, 0.999), "init": Setting("choice", choices=("he", "lsuv")), "channels_last": _BOOL,
+    "lr_restarts": Setting("ints", 1, MAX_EPOCHS), "lr_restart_peak": Setting("float", 0, 1, open_lo=True),
     # convert
     "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
     "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),
@@ -485,6 +486,13 @@ def check_cross(cfg: dict, given=None) -> None:
             raise SnnadvError("warmup needs schedule = 'linear' or 'cosine' (the step schedule has none)")
         if cfg.get("epochs") and cfg.get("warmup", 0) >= cfg["epochs"]:
             raise SnnadvError(f"warmup must be below the {cfg['epochs']} epochs, got {cfg['warmup']}")
+        restarts = cfg.get("lr_restarts") or []
+        if restarts and cfg.get("schedule") == "step":
+            raise SnnadvError("lr_restarts need schedule = 'linear' or 'cosine' (the step schedule has none)")
+        if restarts and (sorted(set(restarts)) != list(restarts) or restarts[0] <= cfg.get("warmup", 0)
+                         or (cfg.get("epochs") and restarts[-1] >= cfg["epochs"])):
+            raise SnnadvError(f"lr_restarts must be increasing epochs after the warm-up and below the "
+                              f"{cfg.get('epochs')} epochs, got {list(restarts)}")
         if cfg.get("nesterov") and (cfg.get("optimizer") != "sgd" or not cfg.get("momentum")):
             raise SnnadvError("nesterov needs optimizer = 'sgd' with a momentum above 0")
     if cfg.get("stage") == "convert" and "curve" in given:

@@ -256,19 +256,45 @@ def lsuv_init(model: torch.nn.Module, images: torch.Tensor, rounds: int = 3) -> 
     model.train(was_training)
 
 
-def _ann_schedule(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The paper's step schedule (per epoch), or linear warm-up then linear/cosine decay to 0 (per batch)."""
-    if cfg["schedule"] == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, cfg["milestones"], 0.1)
-    total, warm = cfg["epochs"] * steps_per_epoch, round(cfg["warmup"] * steps_per_epoch)
+def lr_factor(cfg: dict, steps_per_epoch: int):
+    """The per-batch lr multiplier of the linear/cosine schedules: a linear warm-up over
+    ``warmup`` epochs, then decay to 0 at the end of each cycle. ``lr_restarts`` (epochs) start
+    new cycles (warm restarts, SGDR-style without warm-up), the k-th at ``lr_restart_peak**k``
+    of the peak lr; without restarts the run is one cycle."""
+    bounds = [0, *(r * steps_per_epoch for r in cfg.get("lr_restarts") or []), cfg["epochs"] * steps_per_epoch]
+    warm, peak = round(cfg["warmup"] * steps_per_epoch), cfg.get("lr_restart_peak", 0.5)
 
     def factor(step: int) -> float:
-        if step < warm:
+        k = max(i for i in range(len(bounds) - 1) if bounds[i] <= step or i == 0)
+        start, end = bounds[k] + (warm if k == 0 else 0), bounds[k + 1]
+        if k == 0 and step < warm:
             return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 - t if cfg["schedule"] == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+        t = min(1.0, (step - start) / max(1, end - start))
+        return peak ** k * (1.0 - t if cfg["schedule"] == "linear" else 0.5 * (1.0 + math.cos(math.pi * t)))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
+
+
+def check_same_schedule(out: Path, then: dict, now: dict, done: int, steps_per_epoch: int) -> None:
+    """``--resume`` may extend a linear/cosine run only where the lr of the epochs already
+    trained stays what it was (e.g. a restart at the epoch where the first run ended);
+    lengthening the decay itself would change the past and jump the lr."""
+    if now["schedule"] == "step" or then.get("epochs") is None:
+        return
+    then = {**now, **{k: then[k] for k in ("epochs", "warmup", "lr_restarts", "lr_restart_peak") if k in then},
+            "lr_restarts": then.get("lr_restarts") or []}
+    f0, f1 = lr_factor(then, steps_per_epoch), lr_factor(now, steps_per_epoch)
+    if any(abs(f0(s) - f1(s)) > 1e-12 for s in range(done * steps_per_epoch)):
+        raise CheckpointError(f"--resume: '{out}' decayed its lr to its end at epoch {then['epochs']}; extending "
+                              f"it to {now['epochs']} epochs would change the lr of the {done} epochs done (give "
+                              f"lr_restarts = [{done}] to start a new cycle there, or another --out for a new run)")
+
+
+def _ann_schedule(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """The paper's step schedule (per epoch), or the per-batch :func:`lr_factor` schedule."""
+    if cfg["schedule"] == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, cfg["milestones"], 0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
 
 @guarded
@@ -294,8 +320,11 @@ def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     outputs.claim([out, metrics_path], cfg, resumable=True)
     device, train, test = _setup(cfg)
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
+    steps_per_epoch = math.ceil(len(train) / cfg["batch_size"])
     if resume:
         check_resume_settings(out, resume.get("config") or {}, given)
+        check_same_schedule(out, resume.get("config") or {}, cfg, int(resume["train_state"]["epoch"]),
+                            steps_per_epoch)
     model = ANN(spec, cfg["input_bits"], cfg["input_range"], precision=cfg.get("precision") or "fp32").to(device)
     if resume:
         load_weights(model, resume["state_dict"], f"--resume: '{out}'")
@@ -308,7 +337,7 @@ def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     else:
         opt = make_optimizer(torch.optim.SGD, model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                              nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
-    sched = _ann_schedule(cfg, opt, math.ceil(len(train) / cfg["batch_size"]))
+    sched = _ann_schedule(cfg, opt, steps_per_epoch)
     base = {"stage": "ann", "dataset": cfg["dataset"], "spec": spec.to_dict(), "config": cfg}
     reporter.print(f"training ANN {cfg['arch']} on {cfg['dataset']} ({len(train)} train / {len(test)} test, "
                    f"{device}) for {cfg['epochs']} epochs")
