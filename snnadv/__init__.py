@@ -5,7 +5,15 @@ networks" (ECCV 2020).  Pipeline: train an ANN, convert it to an SNN by threshol
 balancing (SNN-conv), fine-tune it with spike-based backpropagation (SNN-BP), and
 attack all three.  ``snnadv.load_model(path)`` returns a ready model from any
 stage's checkpoint.
+
+Extending it: a new neuron, surrogate, attack, gradient path or architecture is one
+file with one decorator (:mod:`snnadv.registry`), e.g. ``@snnadv.register_attack("name")``;
+modules outside the package are found through the ``snnadv.plugins`` entry-point
+group or the ``SNNADV_PLUGINS`` variable.
 """
+
+from .registry import (ARCHITECTURES, ATTACKS, GRADIENTS, NEURONS, SURROGATES, load_plugins, register_architecture,
+                       register_attack, register_gradient, register_neuron, register_surrogate)
 
 __version__ = "0.1.0"
 
@@ -17,4 +25,6 @@ def load_model(path, device="cpu", **overrides):
     return _load(path, device=device, **overrides)
 
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "register_neuron", "register_surrogate", "register_attack",
+           "register_gradient", "register_architecture", "load_plugins", "NEURONS", "SURROGATES", "ATTACKS",
+           "GRADIENTS", "ARCHITECTURES"]

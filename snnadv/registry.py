@@ -1,0 +1,184 @@
+"""Registries: the names the CLI, the configs, the tables and the sweeps can choose from.
+
+A new neuron, surrogate, attack, gradient path or architecture is one file with one
+decorator; nothing else in the package lists names::
+
+    import snnadv
+
+    @snnadv.register_attack("mifgsm")
+    class MomentumFGSM(snnadv.attacks.Attack):
+        ...
+
+Kinds and what an entry is:
+
+=============  ==========================================================================
+neuron         an ``nn.Module`` class following :class:`snnadv.neurons.Neuron`'s protocol
+surrogate      a :class:`snnadv.surrogates.Surrogate` subclass (a spike's pseudo-derivative)
+attack         an :class:`snnadv.attacks.Attack` subclass (``forward(images, labels)``)
+gradient       a factory ``(model, **options) -> gradient source`` (how an attack
+               differentiates a model: Algorithm 1, BPTT, rate, ...)
+architecture   a function ``num_classes -> ArchSpec``
+=============  ==========================================================================
+
+Entries of the package register themselves when their module is imported; a registry
+imports those modules the first time it is read (so this module imports nothing of
+snnadv but its errors, and cannot be part of an import cycle).  Plugins outside the package register
+the same way and are found through the entry-point group ``snnadv.plugins`` (each entry
+point names a module) or the ``SNNADV_PLUGINS`` variable (module names, comma
+separated); :func:`load_plugins` imports them, and every registry calls it before it is
+read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+from .errors import SnnadvError
+
+PLUGIN_GROUP = "snnadv.plugins"
+PLUGIN_ENV = "SNNADV_PLUGINS"
+
+_plugins_loaded: dict[str, str] = {}  # module name -> where it came from (entry point / env)
+
+
+class RegistryError(SnnadvError, LookupError):
+    """An unknown or duplicate name (its message is one line, made for the user)."""
+
+
+class Registry(Mapping):
+    """Name -> entry, filled by :meth:`register`; a read-only mapping otherwise.
+
+    ``modules``: the package's modules whose import registers its own entries.
+    """
+
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()):
+        self.kind = kind
+        self._modules = modules
+        self._entries: dict[str, Any] = {}
+        self._ready = False
+
+    def register(self, name: str, *, replace: bool = False) -> Callable[[Any], Any]:
+        """Decorator: ``@REG.register("name")`` adds the decorated object under ``name``
+        (a second object under a taken name is refused unless ``replace``)."""
+        if not isinstance(name, str) or not name or name != name.strip() or "," in name:
+            raise RegistryError(f"a {self.kind} name must be a non-empty string without commas, got {name!r}")
+
+        def add(obj):
+            old = self._entries.get(name)
+            if old is not None and old is not obj and not replace and _qualname(old) != _qualname(obj):
+                raise RegistryError(f"{self.kind} '{name}' is already registered ({_qualname(old)}); "
+                                    f"choose another name or pass replace=True")
+            self._entries[name] = obj
+            return obj
+        return add
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for tests and interactive sessions)."""
+        self._entries.pop(name, None)
+
+    def _load(self) -> None:
+        if not self._ready:
+            self._ready = True
+            for mod in self._modules:
+                importlib.import_module(mod)
+        load_plugins()
+
+    def get(self, name: str, default=None):
+        self._load()
+        return self._entries.get(name, default)
+
+    def __getitem__(self, name: str):
+        self._load()
+        if name not in self._entries:
+            raise RegistryError(self.unknown(name))
+        return self._entries[name]
+
+    def unknown(self, name: str) -> str:
+        """One line: ``name`` is unknown, with the choices and a did-you-mean."""
+        self._load()
+        close = difflib.get_close_matches(str(name), list(self._entries), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown {self.kind} '{name}' (choose {', '.join(self._entries)}){hint}"
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)
+
+    def __contains__(self, name) -> bool:
+        self._load()
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._entries) or 'not loaded'})"
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def load_plugins() -> dict[str, str]:
+    """Import every plugin module named by the ``snnadv.plugins`` entry points and by
+    ``SNNADV_PLUGINS`` (once each); returns ``{module: source}``.  A plugin that fails
+    to import raises :class:`RegistryError` naming it (one line)."""
+    wanted: list[tuple[str, str]] = []
+    try:
+        from importlib.metadata import entry_points
+
+        wanted += [(ep.value.split(":")[0], f"entry point '{ep.name}'") for ep in entry_points(group=PLUGIN_GROUP)]
+    except Exception:  # noqa: BLE001 (broken distribution metadata must not break the package)
+        pass
+    wanted += [(m.strip(), PLUGIN_ENV) for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
+    for module, source in wanted:
+        if module in _plugins_loaded:
+            continue
+        _plugins_loaded[module] = source  # before the import: a plugin may read a registry
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 (any failure of a user's module is reported as one line)
+            del _plugins_loaded[module]
+            raise RegistryError(f"plugin module '{module}' (from {source}) failed to import: "
+                                f"{type(e).__name__}: {e}") from e
+    return dict(_plugins_loaded)
+
+
+NEURONS = Registry("neuron", ("snnadv.neurons",))
+SURROGATES = Registry("surrogate", ("snnadv.neurons",))
+ATTACKS = Registry("attack", ("snnadv.attacks",))
+GRADIENTS = Registry("gradient path", ("snnadv.gradients",))
+ARCHITECTURES = Registry("architecture", ("snnadv.models.spec",))
+
+
+def register_neuron(name: str, *, replace: bool = False):
+    """``@snnadv.register_neuron("name")`` on a neuron class (see :class:`snnadv.neurons.Neuron`)."""
+    return NEURONS.register(name, replace=replace)
+
+
+def register_surrogate(name: str, *, replace: bool = False):
+    """``@snnadv.register_surrogate("name")`` on a :class:`Surrogate` subclass."""
+    return SURROGATES.register(name, replace=replace)
+
+
+def register_attack(name: str, *, replace: bool = False):
+    """``@snnadv.register_attack("name")`` on an :class:`snnadv.attacks.Attack` subclass."""
+    return ATTACKS.register(name, replace=replace)
+
+
+def register_gradient(name: str, *, replace: bool = False):
+    """``@snnadv.register_gradient("name")`` on a factory ``(model, **options) -> gradient source``."""
+    return GRADIENTS.register(name, replace=replace)
+
+
+def register_architecture(name: str, *, replace: bool = False):
+    """``@snnadv.register_architecture("name")`` on a function ``num_classes -> ArchSpec``."""
+    return ARCHITECTURES.register(name, replace=replace)
