@@ -91,7 +91,7 @@ from .data import load_split, to_float
 from .errors import SnnadvError
 from .evaluate import _draw_seeds, is_snn, summarize
 from .gradients import SNN_PATHS, make_gradient
-from .neurons import make_surrogate
+from .surrogates import make_surrogate
 from .outputs import Outputs, guarded
 from .report import Reporter, atomic_target, atomic_write_text, write_json
 from .robustness import check_compatible, craft, load_attack_model

@@ -62,7 +62,9 @@ from .errors import SnnadvError
 from .kernels import scan
 from .models import ANN, SNN, get_spec
 from .models.ann import BasicBlock, make_layer
+from .models.snn import record_spikes
 from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
+from .neurons import TimeDropout, reset_state
 from .outputs import Outputs, guarded
 from .report import Reporter, write_json
 from .train import make_optimizer
@@ -106,23 +108,6 @@ STATE_BYTES_FWD, STATE_BYTES_BWD = 5, 9
 
 
 # -- the baseline: a plain snnTorch loop ------------------------------------------------
-class _StepDropout(nn.Module):
-    """Dropout whose mask is drawn at the first step and kept for all steps of a forward
-    (the same semantics as the SNN's time dropout, so both nets compute one function)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
-        self.mask = None
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        if self.mask is None or self.mask.shape != x.shape:
-            self.mask = torch.bernoulli(torch.full_like(x, 1.0 - self.p)) / (1.0 - self.p)
-        return x * self.mask
-
-
 class PlainSnnTorchNet(nn.Module):
     """The network as a typical snnTorch user writes it: one ``snn.Leaky`` per spiking
     layer, a Python loop over time calling every layer on one frame.
@@ -131,7 +116,8 @@ class PlainSnnTorchNet(nn.Module):
     weights; ``thresholds`` maps the spiking layers' names (``spec.activations``) to
     their thresholds (missing: 1.0).  Output: the final layer's output summed over
     time / T.  Surrogate: snnTorch's fast sigmoid (the training/attack backward
-    differs from the SNN's Eq. 4 surrogate; the forward is identical).
+    differs from the SNN's Eq. 4 surrogate; the forward is identical).  Dropout: the
+    SNN's :class:`~snnadv.neurons.TimeDropout` (one mask per forward), fed one frame.
     """
 
     def __init__(self, spec: ArchSpec, leak: float = 1.0, thresholds: dict[str, float] | None = None,
@@ -148,10 +134,7 @@ class PlainSnnTorchNet(nn.Module):
 
         self._names = [l.name for l in spec.layers]
         for layer in spec.layers:  # make_layer builds a block's act1 before act2: names stay in order
-            self.add_module(layer.name, make_layer(layer, leaky, _StepDropout))
-        self._neuron_name = {id(m): n for n, m in self.named_modules() if isinstance(m, snn.Leaky)}
-        self.record = False  # when True, spike counts per layer go to self.spike_counts
-        self.spike_counts: dict[str, list[float]] = {}
+            self.add_module(layer.name, make_layer(layer, leaky, TimeDropout))
 
     @classmethod
     def from_snn(cls, model: SNN, spike_grad=None) -> "PlainSnnTorchNet":
@@ -164,28 +147,19 @@ class PlainSnnTorchNet(nn.Module):
         """Copy the synaptic weights of an SNN (or ANN) built from the same spec."""
         load_weights(self, model.state_dict(), f"{model.spec.arch} weights")
 
-    def _reset(self) -> None:
-        for m in self.modules():
-            if isinstance(m, snn.Leaky):
-                m.reset_mem()
-            elif isinstance(m, _StepDropout):
-                m.mask = None
-
     def _layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(module, snn.Leaky):
             spk, _ = module(x)
-            if self.record:
-                c = self.spike_counts.setdefault(self._neuron_name[id(module)], [0.0, 0.0])
-                c[0] += float(spk.detach().sum())
-                c[1] += spk.numel()
             return spk
         if isinstance(module, BasicBlock):
             return module(x, self._layer)
+        if isinstance(module, TimeDropout):
+            return module(x.unsqueeze(0))[0]
         return module(x)
 
     def forward_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Logits for input spike frames [T, B, C, H, W]: summed output / T."""
-        self._reset()
+        reset_state(self)
         T = frames.shape[0]
         acc = None
         for t in range(T):
@@ -202,19 +176,6 @@ class PlainSnnTorchNet(nn.Module):
         if x.requires_grad:
             frames = frames + (x - p).unsqueeze(0)
         return self.forward_frames(frames)
-
-    def spike_rates(self, x: torch.Tensor, num_steps: int) -> dict[str, float]:
-        """Mean spike rate (spikes per neuron per step) of every spiking layer on ``x``."""
-        was = self.training
-        self.eval()
-        self.record, self.spike_counts = True, {}
-        try:
-            with torch.no_grad():
-                self(x, num_steps)
-        finally:
-            self.record = False
-            self.train(was)
-        return {n: s / max(c, 1.0) for n, (s, c) in self.spike_counts.items()}
 
 
 # -- counting: FLOPs and neurons per image per timestep -----------------------------------
@@ -393,37 +354,24 @@ def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak:
 
 def spike_rates(model: SNN, x: torch.Tensor, num_steps: int) -> dict[str, float]:
     """Mean spike rate (spikes per neuron per step) of every spiking layer of an SNN on ``x``
-    (one eval forward on the fused path, recorded by each neuron's ``spike_hook``)."""
-    from .neurons import LIF
-
-    counts: dict[str, list[float]] = {}
-    hooked = []
-    for name, m in model.named_modules():
-        if isinstance(m, LIF):
-            def record(spk, _name=name):
-                c = counts.setdefault(_name, [0.0, 0.0])
-                c[0] += float(spk.sum(dtype=torch.float64))  # exact counts whatever the dtype
-                c[1] += spk.numel()
-            m.spike_hook = record
-            hooked.append(m)
+    (one eval forward on the fused path, counted by :func:`snnadv.models.snn.record_spikes`)."""
     was, mode = model.training, model.mode
     model.eval()
     model.mode = "fused"
     try:
-        model(x, num_steps)
+        with record_spikes(model) as spikes:
+            model(x, num_steps)
     finally:
-        for m in hooked:
-            m.spike_hook = None
         model.train(was)
         model.mode = mode
-    return {n: s / max(c, 1.0) for n, (s, c) in counts.items()}
+    return spikes.mean_rates()
 
 
 def calibrate(spec: ArchSpec, weights: dict, device, seed: int = 0, batch: int = 8,
               timesteps: int = 32) -> dict[str, float]:
     """Thresholds that make the random-weight network spike: balanced as in conversion
     (the ``BALANCE_PERCENTILE`` of each layer's input current) on synthetic images."""
-    from .convert import balance_thresholds
+    from .conversion import balance_thresholds
 
     model = make_snn(spec, weights, {}, 1.0, device)
     x, _ = synthetic_batch(spec, batch, device, seed + 1)

@@ -8,7 +8,9 @@ Fields:
     stage                    "ann" | "snn-conv" | "snn-bp"
     dataset, spec            dataset name and the architecture spec (plain dict)
     model                    settings to rebuild the model (input bits/range; for
-                             SNNs: timesteps, leak, reset, surrogate, thresholds...)
+                             SNNs: timesteps, leak, reset, surrogate, thresholds...,
+                             the registered neuron and its extra parameters,
+                             ``neuron``/``neuron_params``: "lif" when absent)
     state_dict               the weights
     config, metrics          the full resolved settings and the results
     versions                 snnadv / torch / snntorch versions
@@ -45,7 +47,8 @@ from . import __version__
 from .errors import CheckpointError
 from .models import ANN, SNN, ArchSpec
 from .models.spec import _KIND
-from .neurons import SURROGATES, make_surrogate, surrogate_from_dict
+from .registry import NEURONS, SURROGATES
+from .surrogates import make_surrogate, surrogate_from_dict, surrogate_to_dict
 from .report import atomic_target
 
 FORMAT = "snnadv-checkpoint"
@@ -233,20 +236,29 @@ def check_checkpoint(ckpt: dict, where: str) -> None:
     if sur is not None and (name not in SURROGATES or isinstance(sur, dict) and not all(
             _is_num(v) for k, v in sur.items() if k != "name")):
         raise _bad(where, f"surrogate must be one of {', '.join(SURROGATES)} with finite parameters, got {sur!r}")
+    neuron = model.get("neuron", "lif")
+    if not isinstance(neuron, str) or neuron not in NEURONS:
+        raise _bad(where, f"its neuron {neuron!r} is not a registered neuron (registered: {', '.join(NEURONS)}; "
+                          f"a plugin's neuron needs its plugin loaded)")
+    params = model.get("neuron_params", {})
+    if not isinstance(params, dict) or not all(isinstance(k, str) and (
+            v is None or isinstance(v, (str, bool)) or _is_num(v)) for k, v in params.items()):
+        raise _bad(where, f"neuron_params must be a table of finite numbers, strings or booleans, got {params!r}")
 
 
 def model_settings(model) -> dict:
-    """The settings :func:`build_model` needs to rebuild ``model`` (plain data)."""
-    from .neurons import surrogate_to_dict
-
+    """The settings :func:`build_model` needs to rebuild ``model`` (plain data): for an
+    SNN also its registered neuron and the neuron's extra parameters (a neuron without
+    a leak or a swappable surrogate records none)."""
     if isinstance(model, ANN):
         return {"input_bits": model.input_bits, "input_range": model.input_range}
-    return {
+    settings = {
         "input_bits": model.encoder.bits, "input_range": model.encoder.input_range,
         "gain": model.encoder.gain, "num_steps": model.num_steps, "leak": model.leak,
-        "reset": "zero" if model.neurons[0].hard_reset else "subtract",
-        "surrogate": surrogate_to_dict(model.surrogate), "thresholds": model.thresholds(),
+        "reset": model.reset, "surrogate": surrogate_to_dict(model.surrogate) if model.surrogate else None,
+        "thresholds": model.thresholds(), "neuron": model.neuron, "neuron_params": model.neuron_params,
     }
+    return {k: v for k, v in settings.items() if v is not None or k == "input_bits"}
 
 
 def weights(model) -> dict:
@@ -287,20 +299,18 @@ def build_model(ckpt: dict, device="cpu", **overrides):
     else:
         sur = s.get("surrogate") or {"name": "stdb"}
         sur = make_surrogate(sur) if isinstance(sur, str) else surrogate_from_dict(sur)
+        # (checkpoints written before neurons were named are LIF networks)
         model = SNN(spec, num_steps=int(s.get("num_steps", 100)), leak=float(s.get("leak", 1.0)),
                     reset=s.get("reset", "subtract"), surrogate=sur, input_bits=s.get("input_bits"),
                     input_range=s.get("input_range", "unit"), gain=float(s.get("gain", 1.0)),
-                    precision=precision)
+                    precision=precision, neuron=s.get("neuron", "lif"), neuron_params=s.get("neuron_params"),
+                    kind=ckpt["stage"])
     load_weights(model, ckpt["state_dict"], "checkpoint")
     if ckpt["stage"] != "ann":
         model.set_thresholds(s.get("thresholds", {}))
-    model.kind = ckpt["stage"]
     return model.to(device).eval()
 
 
 def load_model(path, device="cpu", **overrides):
     """``nn.Module`` from any stage's checkpoint (images in [0, 1] -> logits)."""
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt, device, **overrides)
-    model.checkpoint_path = str(path)
-    return model
+    return build_model(load_checkpoint(path), device, **overrides)

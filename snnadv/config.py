@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from .errors import SnnadvError
+from .registry import NEURONS, SURROGATES
 
 #: settings every stage accepts (the one CLI convention)
 COMMON = {
@@ -57,6 +58,7 @@ STAGES = {
     "convert": {
         "checkpoint": None, "timesteps": 2500, "batches": 1, "percentile": 100.0, "scale": 0.7,
         "balance": "all", "curve": [100, 250, 500, 1000, 2500], "eval_batch_size": None,
+        "neuron": "lif",  # the registered neuron of the SNN (lif at leak 1.0: an IF neuron)
     },
     "finetune": {
         "checkpoint": None, "leak": 0.99, "timesteps": None, "surrogate": "stdb", "alpha": 0.3,
@@ -113,7 +115,8 @@ FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 #: settings added after runs were first keyed (reproduce stages, sweep settings): at
 #: these values they are left out of the keys, so results computed before stay valid
 LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0,
-                 "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5}
+                 "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
+                 "neuron": "lif"}
 
 
 def keyed(settings: dict) -> dict:
@@ -374,7 +377,7 @@ _EPS = Setting("fraction", 0, 1)
 _ALPHA = Setting("fraction", 0, 1, open_lo=True)
 _STEPS = Setting("int", 1, MAX_STEPS)
 _DRAWS = Setting("int", 1, MAX_DRAWS)
-_SURROGATES = ("stdb", "linear", "fast-sigmoid")
+_SURROGATES = SURROGATES  # the registry: read when a value is checked (plugins included)
 _ARCHS = ("vgg5", "vgg11", "resnet20", "tiny")
 _KINDS = ("ann", "snn-conv", "snn-bp")
 
@@ -401,6 +404,7 @@ SCHEMA: dict = {
     "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
     "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "balance": Setting("choice", choices=("all", "stem")), "curve": Setting("ints", 1, MAX_TIMESTEPS),
+    "neuron": Setting("choice", choices=NEURONS),
     "eval_batch_size": Setting("int", 1, MAX_BATCH, optional=True),
     # finetune
     "leak": _LEAK, "surrogate": Setting("choice", choices=_SURROGATES), "alpha": _POS(1e6),

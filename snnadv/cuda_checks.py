@@ -38,7 +38,7 @@ def _run(backend, cur, mem0, dt0, grad, leak, hard, surrogate):
 def _compare(cur, mem0, dt0, grad, leak=0.9, hard=False, name="stdb"):
     """Triton (forced) against the PyTorch scan: same spikes, state, and gradients."""
     from snnadv.kernels import scan
-    from snnadv.neurons import make_surrogate
+    from snnadv.surrogates import make_surrogate
 
     surrogate = make_surrogate(name)
     ref = _run("torch", cur, mem0, dt0, grad, leak, hard, surrogate)
@@ -76,7 +76,7 @@ def test_triton_more_than_2_31_elements():
     on those columns alone."""
     from snnadv.kernels import scan
     from snnadv.kernels.scan import lif_scan
-    from snnadv.neurons import make_surrogate
+    from snnadv.surrogates import make_surrogate
 
     T, N = 513, 2 ** 22  # 2,151,677,952 elements
     free, _ = torch.cuda.mem_get_info()

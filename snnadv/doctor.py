@@ -101,7 +101,7 @@ def check_triton(device: torch.device) -> dict:
     scan at an awkward size, fp32 and bf16; ``ran`` says what actually executed."""
     from .errors import SnnadvError
     from .kernels.scan import lif_scan
-    from .neurons import make_surrogate
+    from .surrogates import make_surrogate
 
     if device.type != "cuda":
         return {"skipped": "no CUDA device"}

@@ -24,6 +24,8 @@ image.  The signed mode is there to reproduce the original code's numbers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from snntorch import spikegen
 from torch import nn
@@ -118,3 +120,17 @@ class RateEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, input_range={self.input_range}, gain={self.gain}"
+
+
+@contextmanager
+def encoder_generator(model: nn.Module, generator: torch.Generator | None):
+    """Draw the spikes of ``model``'s encoder (an SNN's ``encoder``, or a
+    :class:`RateEncoder` itself) from ``generator`` inside the block; the encoder's
+    previous generator is back afterwards, whatever happens inside."""
+    encoder = model if isinstance(model, RateEncoder) else model.encoder
+    previous = encoder.generator
+    encoder.generator = generator
+    try:
+        yield generator
+    finally:
+        encoder.generator = previous

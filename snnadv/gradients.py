@@ -68,7 +68,10 @@ from .encoding import normalize, quantize
 from .errors import SnnadvError
 from .models import SNN
 from .models.ann import BasicBlock
-from .neurons import LIF, SURROGATES, make_surrogate
+from .models.snn import record_spikes
+from .neurons import Neuron
+from .registry import SURROGATES
+from .surrogates import make_surrogate
 
 GRADIENTS = ("alg1", "bptt")
 #: every gradient path an SNN source accepts (``make_gradient``'s ``kind``)
@@ -84,8 +87,10 @@ class Autograd:
 
     name = "bptt"
 
-    def __init__(self, model: nn.Module, loss=_loss):
+    def __init__(self, model: nn.Module, loss=_loss, name: str | None = None):
         self.model, self.loss = model, loss
+        if name is not None:
+            self.name = name
 
     def __call__(self, images, labels):
         x = images.detach().clone().requires_grad_(True)
@@ -111,22 +116,15 @@ class Algorithm1:
         """(sum over t of dJ/dX_conv1(t) [B, C1, H1, W1] in fp32, logits).
 
         Each chunk's gradient reaches a hook on the first layer's output and is summed
-        over its frames there (:meth:`snnadv.models.SNN._layer`), so neither the output
-        nor its gradient outlives its chunk; the chunks' sums are added in time order.
-        The backward pass runs towards a zero leaf added to that output, so no weight
-        gradient is computed or accumulated."""
+        over its frames there (:meth:`snnadv.models.SNN.capture_first_layer`), so neither
+        the output nor its gradient outlives its chunk; the chunks' sums are added in time
+        order.  The backward pass runs towards a zero leaf added to that output, so no
+        weight gradient is computed or accumulated."""
         m = self.model
-        leaf = torch.zeros((), device=images.device, requires_grad=True)
-        m.capture_first_layer = leaf
-        try:
-            with torch.enable_grad():
-                logits = m(images.detach())
-                torch.autograd.grad(self.loss(logits, labels), leaf)
-                sums = [m.first_layer_grads[c] for c in sorted(m.first_layer_grads)]
-                acc = sum(g for g in sums if g is not None)  # (None: a chunk the loss does not see)
-        finally:
-            m.capture_first_layer = None
-            m.first_layer_grads = {}
+        with m.capture_first_layer(images.device) as capture, torch.enable_grad():
+            logits = m(images.detach())
+            torch.autograd.grad(self.loss(logits, labels), capture.leaf)
+            acc = capture.total()
         return acc, logits.detach()
 
     def __call__(self, images, labels):
@@ -215,23 +213,10 @@ class RateGradient:
     def spike_rates(self, images: torch.Tensor, num_steps: int | None = None) -> dict[int, torch.Tensor]:
         """One real forward pass on fresh spikes: ``{id(neuron): rate [B, ...]}``."""
         m = self.model
-        T = num_steps or m.num_steps
-        sums: dict[int, torch.Tensor] = {}
-
-        def recorder(neuron):
-            def hook(spk):
-                count = spk.sum(0, dtype=torch.float32)  # counts in fp32 (bf16 is exact only to 256)
-                sums[id(neuron)] = count + sums[id(neuron)] if id(neuron) in sums else count
-            return hook
-
-        for n in m.neurons:
-            n.spike_hook = recorder(n)
-        try:
-            m(images, T)  # the model's own time loop (chunks, encoder draws)
-        finally:
-            for n in m.neurons:
-                n.spike_hook = None
-        return {k: v / T for k, v in sums.items()}
+        with record_spikes(m) as spikes:  # counts in fp32 (bf16 is exact only to 256)
+            m(images, num_steps or m.num_steps)  # the model's own time loop (chunks, encoder draws)
+        modules = dict(m.named_modules())
+        return {id(modules[name]): rate for name, rate in spikes.rates().items()}
 
     def rate_logits(self, x: torch.Tensor, rates: dict[int, torch.Tensor]) -> torch.Tensor:
         """The rate network's logits for ``x`` (differentiable), given the observed rates."""
@@ -240,15 +225,15 @@ class RateGradient:
         h = (normalize(quantize(x, enc.bits), enc.input_range) * enc.gain).unsqueeze(0)  # expected input rate
 
         def apply(module, v):
-            if isinstance(module, LIF):
+            if isinstance(module, Neuron):
                 return _RateSpike.apply(v, rates[id(module)].unsqueeze(0), module.thr)
             if isinstance(module, BasicBlock):
                 return module(v, apply)
-            return m._layer(module, v)
+            return m.layer(module, v)
 
-        for name in m._hidden:
-            h = apply(getattr(m, name), h)
-        return m._readout(h)[0]
+        for _, module in m.hidden_layers():
+            h = apply(module, h)
+        return m.readout(h)[0]
 
     def __call__(self, images, labels):
         rates = self.spike_rates(images.detach())
@@ -280,13 +265,11 @@ def make_gradient(model: nn.Module, kind: str | None = None, eot: int = 1, *, sl
         elif kind == "ann":
             if proxy is None:
                 raise SnnadvError("the 'ann' gradient path needs the ANN the SNN was converted from (proxy)")
-            source = Autograd(proxy)
-            source.name = "ann"
+            source = Autograd(proxy, name="ann")
         else:
             source = AttackSurrogate(model, make_surrogate(kind[len("bptt-"):], slope=slope))
     else:
         if kind is not None:
             raise SnnadvError("--gradient applies to SNN sources only; an ANN source uses autograd")
-        source = Autograd(model)
-        source.name = "autograd"
+        source = Autograd(model, name="autograd")
     return EOT(source, eot) if eot != 1 else source  # EOT rejects eot < 1

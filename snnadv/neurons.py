@@ -1,13 +1,16 @@
-"""Spiking neurons (paper Eq. 3) and their surrogate gradients (Eq. 4 and linear).
+"""Spiking neurons (paper Eq. 3): the :class:`Neuron` protocol and the built-in LIF/IF neuron.
 
 The neuron :class:`LIF` subclasses :class:`snntorch.Leaky` and keeps its contract:
 ``spk, mem = neuron(input_, mem)`` one timestep at a time, state held in the module
-(``mem``, plus ``dt`` added here), reset by :func:`reset_state`.  It adds
+(``mem``, plus ``dt`` added here), reset by :func:`reset_state`.  It takes snnTorch's
+keywords (``beta``, ``threshold``, ``spike_grad``, ``reset_mechanism``, ``init_hidden``,
+``output``; ``leak``, ``reset`` and ``surrogate`` are this package's names for the
+first ones) and adds
 
-* the spike-time-dependent surrogate of Eq. 4, which needs the time since the
-  neuron's last spike, so ``dt`` is carried as state beside ``mem``;
-* a linear (triangle) surrogate and a smooth fast-sigmoid one, all chosen per
-  model and changeable after training (an attack may use a different one);
+* the spike-time-dependent surrogate of Eq. 4 (:mod:`snnadv.surrogates`), which needs
+  the time since the neuron's last spike, so ``dt`` is carried as state beside ``mem``;
+* surrogates chosen per model and changeable after training (an attack may use a
+  different one); snnTorch's surrogate functions work too (see :class:`LIF`);
 * :meth:`LIF.multistep`, all T timesteps of a layer at once through the fused scan
   of :mod:`snnadv.kernels.scan`; the single-step ``forward`` is the reference.
 
@@ -17,139 +20,143 @@ Dynamics, one step (Eq. 3 with snnTorch's reset convention; ``s`` = spike):
         u[t] = lam * u[t-1] + I[t] - thr * s[t-1]
     hard reset ("zero", reset to 0):
         u[t] = lam * (1 - s[t-1]) * u[t-1] + I[t]
+    no reset ("none", snnTorch's pure integration):
+        u[t] = lam * u[t-1] + I[t]
     s[t] = H(u[t] - thr)            (fires when u exceeds thr, strictly)
 
 ``lam`` (snnTorch's ``beta``) is the leak: 1.0 is an IF neuron, < 1 an LIF neuron.
-The spike is taken from the membrane *after* this step's input is integrated (Eq. 3;
-the original code's one-step delay is not reproduced).  The reset is applied at the
-next step and carries no gradient (snnTorch and the original code both detach it).
-The subtracted threshold is not leaked, as in snnTorch; for IF neurons this is
+Conversion builds the IF neuron as this class at leak 1.0 (it is not a separate
+class).  The spike is taken from the membrane *after* this step's input is integrated
+(Eq. 3; the original code's one-step delay is not reproduced).  The reset is applied
+at the next step and carries no gradient (snnTorch and the original code both detach
+it).  The subtracted threshold is not leaked, as in snnTorch; for IF neurons this is
 exactly the textbook "integrate, fire, subtract".
-
-Surrogates (backward of ``s = H(u - thr)``):
-
-* ``stdb`` (Eq. 4): ds/du = alpha * exp(-beta * dt), independent of ``u``; dt = the
-  number of timesteps since the neuron's last spike, counted so that a spike at
-  step t-1 gives dt = 1 at step t.  Before a neuron's first spike dt = dt_init + t
-  (dt_init = 1000, as the original code's "last spike at -1000"): a neuron that has
-  not fired yet gets a near-zero gradient (0.3 * exp(-10) ~ 1.4e-5), because there
-  is no spike time to be sensitive to; after its first spike it learns.
-* ``linear``: ds/du = gamma * max(0, 1 - |u/thr - 1|), a triangle centred on the
-  threshold (gamma = 0.3).  The original code differentiates w.r.t. u/thr, which
-  adds a factor 1/thr; here the derivative is w.r.t. u, as written in the issue.
-* ``fast-sigmoid``: ds/du = 1 / (1 + k |u - thr|)^2 (snnTorch's fast sigmoid), of
-  adjustable sharpness k; a smooth choice for adaptive attacks.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import Callable
 
 import snntorch as snn
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import SnnadvError
+from .kernels.scan import lif_scan
+from .registry import register_neuron
+from .surrogates import SpikeTime, Surrogate, from_snntorch
 
 DT_INIT = 1000.0
 
 
-class Surrogate:
-    """A surrogate derivative ds/du.  Subclasses define :meth:`grad`."""
+class Neuron(nn.Module):
+    """What the package needs from a spiking neuron; subclass it and register the class
+    (``@snnadv.register_neuron("name")``) to use it in every SNN, conversion included.
 
-    name = "base"
-    needs_mem = True  # whether grad() reads the membrane (the scan then keeps it)
+    Required:
 
-    def grad(self, mem: torch.Tensor, thr: torch.Tensor | float, dt: torch.Tensor) -> torch.Tensor:
+    * ``forward(input_, mem=None)``: one timestep in snnTorch's contract: ``input_``
+      [B, ...] is this step's input current; returns ``(spk, mem)`` (or ``spk`` alone
+      where snnTorch's ``init_hidden`` says so); the state lives in the module between
+      calls.  This is the reference the SNN's ``mode="reference"`` runs.
+    * ``reset_state()``: forget the state; the SNN calls it before every run.
+    * a settable threshold: :attr:`thr` (a Python float) and :meth:`set_threshold`.
+      The defaults read and fill a tensor attribute ``threshold`` (snnTorch's buffer).
+
+    Optional:
+
+    * :meth:`multistep` ``(current [T, B, ...]) -> spikes [T, B, ...]``: all T steps at
+      once, state carried over, equal to T calls of ``forward`` (keep a test that says
+      so).  The SNN's default ``mode="fused"`` calls it; the default loops ``forward``.
+    * ``surrogate``: a :class:`~snnadv.surrogates.Surrogate` used for ds/du in backward
+      (None: the neuron has its own, and attack-time surrogates cannot replace it).
+    * :attr:`leak` / :meth:`set_leak`: Eq. 3's lambda, where the neuron has one.
+    * ``reset_mechanism``: ``"subtract"`` | ``"zero"`` | ``"none"`` (snnTorch's names).
+    * :meth:`params`: extra constructor parameters (plain data) that checkpoints record,
+      and :meth:`build`, which the SNN calls to construct the neuron from them.
+
+    What each part of the package uses:
+
+    * conversion (threshold balancing, Sec. 2.2): the input current of each layer
+      (:meth:`register_current_hook`) and :meth:`set_threshold`;
+    * fine-tuning (SNN-BP, surrogate-gradient BPTT): autograd through ``forward`` /
+      :meth:`multistep` w.r.t. the input current, ``surrogate``, :meth:`set_leak`,
+      :meth:`set_threshold` (the scaled thresholds);
+    * attacks: Algorithm 1 and BPTT differentiate through the same backward; the
+      ``bptt-<surrogate>`` paths swap ``surrogate`` for the call; the rate path reads
+      the spikes (:meth:`register_spike_hook`) and :attr:`thr`.
+    """
+
+    surrogate: Surrogate | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._current_hooks: OrderedDict = OrderedDict()
+        self._spike_hooks: OrderedDict = OrderedDict()
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def build(cls, *, leak: float, threshold: float, reset: str, surrogate: Surrogate | None, **params) -> "Neuron":
+        """The neuron an SNN layer gets (the SNN's leak, reset and surrogate; ``params``
+        from :meth:`params` of a saved model).  Override where these do not apply."""
+        return cls(leak=leak, threshold=threshold, reset=reset, surrogate=surrogate, **params)
+
+    def params(self) -> dict:
+        """Constructor parameters beyond leak, threshold, reset and surrogate (plain data)."""
+        return {}
+
+    # -- settings ---------------------------------------------------------------------
+    @property
+    def thr(self) -> float:
+        return float(self.threshold)
+
+    def set_threshold(self, value: float) -> None:
+        self.threshold.fill_(float(value))
+
+    @property
+    def leak(self) -> float | None:
+        return None
+
+    def set_leak(self, value: float) -> None:
+        raise SnnadvError(f"neuron {type(self).__name__} has no leak to set")
+
+    def reset_state(self) -> None:
         raise NotImplementedError
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
+    # -- running ----------------------------------------------------------------------
+    def multistep(self, current: torch.Tensor) -> torch.Tensor:
+        """Spikes [T, B, ...] for input currents [T, B, ...]: T calls of ``forward``."""
+        return torch.stack([self._step(c) for c in current])
 
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v}" for k, v in self.params().items())
-        return f"{self.name}({inner})"
+    def run(self, current: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """Spikes for the currents [T, B, ...] of a chunk, by :meth:`multistep` (``fused``)
+        or step by step; the hooks see the currents before and the spikes after."""
+        for hook in list(self._current_hooks.values()):
+            hook(current)
+        spk = self.multistep(current) if fused else torch.stack([self._step(c) for c in current])
+        for hook in list(self._spike_hooks.values()):
+            hook(spk.detach())
+        return spk
 
+    def _step(self, current: torch.Tensor) -> torch.Tensor:
+        out = self(current)
+        return out[0] if isinstance(out, tuple) else out
 
-class SpikeTime(Surrogate):
-    """Eq. 4: ds/du = alpha * exp(-beta * dt), dt = steps since the last spike."""
+    def register_current_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """``hook(current [T, B, ...])`` before every chunk :meth:`run` computes; remove
+        it with the returned handle's ``remove()``."""
+        handle = RemovableHandle(self._current_hooks)
+        self._current_hooks[handle.id] = hook
+        return handle
 
-    name = "stdb"
-    needs_mem = False
-
-    def __init__(self, alpha: float = 0.3, beta: float = 0.01):
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.after_spike()  # computed here, not in a backward pass
-
-    def grad(self, mem, thr, dt):
-        return self.alpha * torch.exp(-self.beta * dt)
-
-    def step_decay(self) -> float:
-        """exp(-beta): the factor by which ds/du shrinks per step without a spike
-        (the fused scans carry ds/du as a running product instead of dt)."""
-        return math.exp(-self.beta)
-
-    def after_spike(self) -> float:
-        """ds/du one step after a spike (dt = 1), as :meth:`grad` computes it in fp32;
-        a Python float, so the fused scan reads no device value per call."""
-        if getattr(self, "_fresh", (None,))[0] != (self.alpha, self.beta):
-            value = float(self.grad(None, None, torch.ones(1)))  # once, on the CPU
-            self._fresh = ((self.alpha, self.beta), value)
-        return self._fresh[1]
-
-    def params(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta}
-
-
-class LinearSurrogate(Surrogate):
-    """ds/du = gamma * max(0, 1 - |u / thr - 1|)."""
-
-    name = "linear"
-
-    def __init__(self, gamma: float = 0.3):
-        self.gamma = float(gamma)
-
-    def grad(self, mem, thr, dt):
-        return self.gamma * torch.clamp(1.0 - torch.abs(mem / thr - 1.0), min=0.0)
-
-
-class FastSigmoid(Surrogate):
-    """ds/du = 1 / (1 + k |u - thr|)^2 (smooth; k sets the sharpness)."""
-
-    name = "fast-sigmoid"
-
-    def __init__(self, slope: float = 5.0):
-        self.slope = float(slope)
-
-    def grad(self, mem, thr, dt):
-        return 1.0 / (1.0 + self.slope * torch.abs(mem - thr)) ** 2
-
-
-SURROGATES = {"stdb": SpikeTime, "linear": LinearSurrogate, "fast-sigmoid": FastSigmoid}
-
-
-def make_surrogate(name: str = "stdb", **params) -> Surrogate:
-    """A surrogate by name (``stdb`` | ``linear`` | ``fast-sigmoid``) with its parameters.
-
-    Parameters that the chosen surrogate does not take are ignored, so callers can
-    pass ``alpha``, ``beta``, ``gamma`` and ``slope`` together from a config.
-    """
-    if name not in SURROGATES:
-        raise SnnadvError(f"unknown surrogate '{name}' (choose {', '.join(SURROGATES)})")
-    cls = SURROGATES[name]
-    import inspect
-
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
-
-
-def surrogate_from_dict(d: dict) -> Surrogate:
-    d = dict(d)
-    return make_surrogate(d.pop("name"), **d)
-
-
-def surrogate_to_dict(s: Surrogate) -> dict:
-    return {"name": s.name, **s.params()}
+    def register_spike_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """``hook(spikes [T, B, ...], detached)`` after every chunk :meth:`run` computes."""
+        handle = RemovableHandle(self._spike_hooks)
+        self._spike_hooks[handle.id] = hook
+        return handle
 
 
 class _Spike(torch.autograd.Function):
@@ -167,36 +174,85 @@ class _Spike(torch.autograd.Function):
         return grad_out * ctx.surrogate.grad(mem, ctx.thr, dt), None, None, None
 
 
-RESETS = {"subtract": "subtract", "soft": "subtract", "zero": "zero", "hard": "zero"}
+RESETS = {"subtract": "subtract", "soft": "subtract", "zero": "zero", "hard": "zero", "none": "none"}
+
+#: snnTorch keywords the LIF takes only at their defaults (what they change is not part
+#: of Eq. 3 as the fused scan computes it: learned leaks or thresholds, graded or
+#: quantised spikes, inhibition, an immediate reset)
+_FIXED = {"surrogate_disable": False, "inhibition": False, "learn_beta": False, "learn_threshold": False,
+          "state_quant": False, "graded_spikes_factor": 1.0, "learn_graded_spikes_factor": False,
+          "reset_delay": True}
 
 
-class LIF(snn.Leaky):
+def _one(a, b, a_name: str, b_name: str):
+    if a is not None and b is not None:
+        raise SnnadvError(f"LIF: give {a_name} or {b_name} (the same setting), not both")
+    return a if a is not None else b
+
+
+@register_neuron("lif")
+class LIF(Neuron, snn.Leaky):
     """Leaky integrate-and-fire neuron with spike-time surrogate (Eq. 3, Eq. 4).
 
-    Args:
-        leak: lambda of Eq. 3 (snnTorch's ``beta``); 1.0 makes an IF neuron.
+    Args (snnTorch's names; this package's older names in brackets, either may be given):
+        beta [leak]: lambda of Eq. 3, a number in (0, 1]; 1.0 makes an IF neuron (default 0.99).
         threshold: the layer's firing threshold (a scalar buffer; not learned).
-        reset: ``"subtract"`` (soft, default) or ``"zero"`` (hard).
-        surrogate: a :class:`Surrogate` (default: Eq. 4 with alpha=0.3, beta=0.01).
-        dt_init: dt before the first spike (see the module docstring).
+        spike_grad [surrogate]: the surrogate of ds/du: a :class:`~snnadv.surrogates.Surrogate`
+            (default: Eq. 4 with alpha=0.3, beta=0.01) or an snnTorch surrogate function.
+            ``snntorch.surrogate.fast_sigmoid(slope=k)`` becomes the built-in
+            ``fast-sigmoid`` of the same k (both paths, the Triton scan included); any
+            other snnTorch function runs on the single-step path only, and
+            :meth:`multistep` refuses it (one :class:`SnnadvError`).
+        reset_mechanism [reset]: ``"subtract"`` (soft, default), ``"zero"`` (hard) or
+            ``"none"``.
+        init_hidden, output: as in snnTorch (what ``forward`` returns).
+        dt_init: dt before the first spike (see :mod:`snnadv.surrogates`).
+
+    snnTorch's other keywords are accepted only at their defaults.
 
     State: ``mem`` (membrane, as in snnTorch) and ``dt`` (float tensor of whole
     numbers: steps since the last spike).  Both are cleared by :meth:`reset_state`.
     """
 
-    def __init__(self, leak: float = 0.99, threshold: float = 1.0, reset: str = "subtract",
-                 surrogate: Surrogate | None = None, dt_init: float = DT_INIT):
-        if not 0.0 < float(leak) <= 1.0:
-            raise SnnadvError(f"leak must be in (0, 1], got {leak}")
-        if reset not in RESETS:
-            raise SnnadvError(f"unknown reset '{reset}' (choose subtract or zero)")
-        super().__init__(beta=float(leak), threshold=float(threshold), reset_mechanism=RESETS[reset])
-        self.surrogate = surrogate or SpikeTime()
+    def __init__(self, beta: float | None = None, threshold: float = 1.0, spike_grad=None, *,
+                 reset_mechanism: str | None = None, init_hidden: bool = False, output: bool = False,
+                 leak: float | None = None, reset: str | None = None, surrogate: Surrogate | None = None,
+                 dt_init: float = DT_INIT, **snntorch_options):
+        for key, value in snntorch_options.items():
+            if key not in _FIXED:
+                raise TypeError(f"LIF() got an unexpected keyword argument '{key}'")
+            if value != _FIXED[key]:
+                raise SnnadvError(f"LIF does not support snnTorch's {key}={value!r} (only {_FIXED[key]!r}: "
+                                  f"the leak and threshold are set, not learned, and spikes are 0 or 1)")
+        lam = _one(beta, leak, "beta", "leak")
+        lam = 0.99 if lam is None else lam
+        if isinstance(lam, torch.Tensor) and lam.numel() != 1:
+            raise SnnadvError("LIF takes one leak for the whole layer (a number), not a tensor of them")
+        if not 0.0 < float(lam) <= 1.0:
+            raise SnnadvError(f"leak must be in (0, 1], got {float(lam)}")
+        mechanism = _one(reset_mechanism, reset, "reset_mechanism", "reset") or "subtract"
+        if mechanism not in RESETS:
+            raise SnnadvError(f"unknown reset '{mechanism}' (choose subtract, zero or none)")
+        grad = _one(spike_grad, surrogate, "spike_grad", "surrogate")
+        snntorch_fn = None
+        if grad is None:
+            grad = SpikeTime()
+        elif not isinstance(grad, Surrogate):
+            if not callable(grad):
+                raise SnnadvError(f"spike_grad must be a snnadv Surrogate or an snnTorch surrogate function, "
+                                  f"got {grad!r}")
+            grad, snntorch_fn = from_snntorch(grad), grad
+            if grad is not None:
+                snntorch_fn = None
+        super().__init__(beta=float(lam), threshold=float(threshold), spike_grad=snntorch_fn,
+                         init_hidden=init_hidden, reset_mechanism=RESETS[mechanism], output=output)
+        self.surrogate = grad  # None: the snnTorch function (snnTorch's self.spike_grad) fires
         self.dt_init = float(dt_init)
         self.register_buffer("dt", torch.zeros(0), persistent=False)
-        self.current_hook = None  # callable(current [T, B, ...]); used by threshold balancing
-        self.spike_hook = None    # callable(spikes [T, B, ...]); used to measure spike rates
         self._scalars = {}        # buffer name -> (tensor, its version, its value as a Python float)
+
+    def params(self) -> dict:
+        return {"dt_init": self.dt_init}
 
     # -- configuration -------------------------------------------------------
     def _scalar(self, name: str) -> float:
@@ -218,10 +274,6 @@ class LIF(snn.Leaky):
         """The threshold as a Python float (see :meth:`_scalar`)."""
         return self._scalar("threshold")
 
-    @property
-    def hard_reset(self) -> bool:
-        return self._reset_mechanism == "zero"
-
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(float(value))
 
@@ -235,21 +287,20 @@ class LIF(snn.Leaky):
 
     # -- snnTorch single-step API (the reference path) -----------------------
     def fire(self, mem):
+        if self.surrogate is None:  # an snnTorch surrogate function: snnTorch fires
+            return super().fire(mem)
         return _Spike.apply(mem, self.threshold, self.dt, self.surrogate)
 
     def mem_reset(self, mem):
         return (mem > self.threshold).to(mem.dtype).detach()
 
     def forward(self, input_, mem=None):
-        if self.current_hook is not None:
-            self.current_hook(input_.unsqueeze(0))
         if self.dt.shape != input_.shape:
             self.dt = torch.full_like(input_, self.dt_init)
-        spk, mem = super().forward(input_, mem)
+        out = super().forward(input_, mem)
+        spk = out[0] if isinstance(out, tuple) else out
         self.dt = torch.where(spk.detach() > 0, torch.ones_like(self.dt), self.dt + 1.0)
-        if self.spike_hook is not None:
-            self.spike_hook(spk.detach().unsqueeze(0))
-        return spk, mem
+        return out
 
     # -- all timesteps at once (the fast path) --------------------------------
     def multistep(self, current: torch.Tensor) -> torch.Tensor:
@@ -258,10 +309,11 @@ class LIF(snn.Leaky):
         Same dynamics and gradients as T calls of :meth:`forward`, computed by
         :func:`snnadv.kernels.scan.lif_scan` (one fused recurrence per layer).
         """
-        from .kernels.scan import lif_scan
-
-        if self.current_hook is not None:
-            self.current_hook(current)
+        if self.surrogate is None:
+            fn = getattr(self.spike_grad, "__qualname__", repr(self.spike_grad)).split(".<locals>")[0]
+            raise SnnadvError(f"the fused multi-step LIF has no equivalent of the snnTorch surrogate '{fn}': use "
+                              f"a snnadv surrogate (stdb, linear, fast-sigmoid; snntorch.surrogate.fast_sigmoid "
+                              f"maps to fast-sigmoid) or run step by step (an SNN's mode='reference')")
         frame = current.shape[1:]
         if self.mem.shape != frame:
             mem0 = torch.zeros(frame, device=current.device, dtype=torch.float32)
@@ -269,9 +321,7 @@ class LIF(snn.Leaky):
         else:
             mem0, dt0 = self.mem, self.dt
         spk, self.mem, self.dt = lif_scan(current, mem0, dt0, self.leak, self.thr,
-                                          self.hard_reset, self.surrogate)
-        if self.spike_hook is not None:
-            self.spike_hook(spk.detach())
+                                          self._reset_mechanism, self.surrogate)
         return spk
 
     def extra_repr(self) -> str:
@@ -307,11 +357,6 @@ class TimeDropout(nn.Module):
         return f"p={self.p}"
 
 
-def neurons(module: nn.Module) -> list[LIF]:
-    """Every :class:`LIF` neuron inside ``module``, at any depth, in forward order."""
-    return [m for m in module.modules() if isinstance(m, LIF)]
-
-
 def reset_state(module: nn.Module) -> None:
     """Reset every stateful spiking module inside ``module``, however deeply nested.
 
@@ -320,7 +365,7 @@ def reset_state(module: nn.Module) -> None:
     plain snnTorch neuron.
     """
     for m in module.modules():
-        if isinstance(m, (LIF, TimeDropout)):
+        if isinstance(m, (Neuron, TimeDropout)):
             m.reset_state()
         elif isinstance(m, snn.SpikingNeuron) and hasattr(m, "reset_mem"):
             m.reset_mem()

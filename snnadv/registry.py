@@ -153,7 +153,7 @@ def load_plugins() -> dict[str, str]:
 
 
 NEURONS = Registry("neuron", ("snnadv.neurons",))
-SURROGATES = Registry("surrogate", ("snnadv.neurons",))
+SURROGATES = Registry("surrogate", ("snnadv.surrogates",))
 ATTACKS = Registry("attack", ("snnadv.attacks",))
 GRADIENTS = Registry("gradient path", ("snnadv.gradients",))
 ARCHITECTURES = Registry("architecture", ("snnadv.models.spec",))

@@ -12,9 +12,11 @@ peak memory until it exits.  Measured, VGG5 SNN-BP training step at T=32, batch 
 2 cores: 17.4 -> 19.4 img/s (fp32), see the issue notes.  Nothing changes on other
 C libraries or operating systems.
 
-Applied by the command line at start-up and by :meth:`snnadv.models.SNN.chunk_for` the
-first time an SNN runs on a CPU (its large chunks assume it); set
-``SNNADV_KEEP_FREED_MEMORY=0`` to leave glibc's defaults alone.
+Applied by the command line at start-up (every ``snnadv`` command), never as a side
+effect of building or running a model: a program that uses the library directly on
+a CPU calls :func:`keep_freed_memory` once itself (the automatic chunk sizes of
+:meth:`snnadv.models.SNN.chunk_for` assume it).  ``SNNADV_KEEP_FREED_MEMORY=0`` leaves
+glibc's defaults alone.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from .data import DATASETS, batches, load_dataset, to_float
 from .errors import CheckpointError, Interrupted, SnnadvError, TrainingError
 from .evaluate import accuracy
 from .models import ANN, get_spec
-from .neurons import make_surrogate
+from .surrogates import make_surrogate
 from .outputs import Outputs, checkpoint_paths, guarded, replacing
 from .report import Reporter, write_json
 

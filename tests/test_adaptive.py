@@ -21,7 +21,7 @@ from snnadv.data import load_split, to_float
 from snnadv.errors import SnnadvError
 from snnadv.gradients import SNN_PATHS, AttackSurrogate, RateGradient, make_gradient
 from snnadv.models import SNN, get_spec
-from snnadv.neurons import FastSigmoid, LinearSurrogate, SpikeTime, make_surrogate
+from snnadv.surrogates import FastSigmoid, LinearSurrogate, SpikeTime, make_surrogate
 
 N_IMAGES = 48
 
@@ -100,8 +100,7 @@ def test_rate_gradient_matches_explicit_rate_network():
     # an independent rate network for the tiny spec (conv-act-pool-conv-act-pool-fc-act-fc)
     xr = x.clone().requires_grad_(True)
     h = xr
-    for name in snn._hidden:
-        mod = getattr(snn, name)
+    for name, mod in snn.hidden_layers():
         if name.startswith("act"):
             r, thr = rates[id(mod)], float(mod.threshold)
             slope = (r > 0).float() / thr

@@ -16,7 +16,8 @@ import torch
 import snnadv
 from snnadv.checkpoint import file_hash, load_checkpoint
 from snnadv.config import resolve
-from snnadv.convert import TopK, balance_thresholds, convert, spiking_layers
+from snnadv.conversion import TopK, balance_thresholds, spiking_layers
+from snnadv.convert import convert
 from snnadv.data import load_dataset
 from snnadv.errors import CheckpointError, SnnadvError
 from snnadv.evaluate import accuracy
@@ -159,7 +160,7 @@ def test_balancing_sets_each_threshold_to_its_input_current():
         assert thr["act2"] == pytest.approx(float(cur2.max()), rel=1e-6)
     assert thr["act1"] != thr["act2"]
     assert snn.thresholds() == thr
-    assert all(n.current_hook is None for n in snn.neurons)
+    assert all(not n._current_hooks for n in snn.neurons)
     assert snn.encoder.generator is None
 
 

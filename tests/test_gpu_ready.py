@@ -92,7 +92,7 @@ def test_chunked_algorithm1_equals_the_retained_gradient():
         acc, _ = Algorithm1(snn).first_layer_grad(x, y)
         torch.testing.assert_close(acc, reference, rtol=1e-5, atol=1e-6)
         assert all(p.grad is None for p in snn.parameters())
-        assert snn.first_layer_grads == {} and snn.capture_first_layer is None
+        assert snn._capture is None
     one_chunk, _ = Algorithm1(small_snn(chunk=6)).first_layer_grad(x, y)
     assert torch.equal(one_chunk, reference)  # one chunk: bit for bit
 
@@ -118,10 +118,10 @@ def test_pooling_saves_no_spike_input_and_keeps_gradients():
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = (torch.rand(4, 2, 8, 16, 16) > 0.5).float()
         x = x.flatten(0, 1).contiguous(memory_format=fmt).unflatten(0, (4, 2)).requires_grad_(True)
-        assert _saved_bytes(lambda: snn._layer(pool, x)) == 0
+        assert _saved_bytes(lambda: snn.layer(pool, x)) == 0
         assert _saved_bytes(lambda: F.avg_pool2d(x.flatten(0, 1), 2)) > 0  # what autograd would keep
         g = torch.randn(4, 2, 8, 8, 8)
-        (ours,) = torch.autograd.grad(snn._layer(pool, x), x, g)
+        (ours,) = torch.autograd.grad(snn.layer(pool, x), x, g)
         (ref,) = torch.autograd.grad(F.avg_pool2d(x.flatten(0, 1), 2).unflatten(0, (4, 2)), x, g)
         assert torch.equal(ours, ref) and ours.stride() == ref.stride()
 
@@ -145,7 +145,7 @@ def test_no_host_syncs_in_a_training_step_or_a_forward():
     """Item 5: the fused forward and BPTT read no device value (thresholds and leaks are
     Python floats, Eq. 4's factors too): none per step, for every surrogate, both resets;
     after a threshold changes it is read once."""
-    from snnadv.neurons import make_surrogate
+    from snnadv.surrogates import make_surrogate
 
     x, y = binary_images(2)
     for surrogate, reset in (("stdb", "subtract"), ("linear", "zero"), ("fast-sigmoid", "subtract")):
@@ -220,7 +220,7 @@ def test_bf16_eq4_backward_streams_without_a_t_by_n_fp32_buffer(monkeypatch):
     """Item 6: the PyTorch scan's backward for bf16 gradients works in fp32 blocks of
     steps: no fp32 tensor of T x N, and the same bits as one block (every surrogate)."""
     from snnadv.kernels.scan import _LIFScan
-    from snnadv.neurons import make_surrogate
+    from snnadv.surrogates import make_surrogate
 
     T, N = 40, 50
     g = torch.Generator().manual_seed(0)

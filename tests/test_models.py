@@ -11,7 +11,8 @@ from snnadv.checkpoint import load_weights
 from snnadv.errors import CheckpointError, SnnadvError
 from snnadv.models import ANN, ARCHS, SNN, ArchSpec, get_spec
 from snnadv.models.spec import Act, AvgPool, Block, Conv, Dropout, Linear
-from snnadv.neurons import LIF, make_surrogate
+from snnadv.neurons import LIF
+from snnadv.surrogates import make_surrogate
 
 CLASSES = {"vgg5": 10, "vgg11": 100, "resnet20": 10, "tiny": 10}
 

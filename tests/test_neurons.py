@@ -13,17 +13,8 @@ import torch
 
 from snnadv.errors import SnnadvError
 from snnadv.models import SNN, get_spec
-from snnadv.neurons import (
-    DT_INIT,
-    LIF,
-    FastSigmoid,
-    LinearSurrogate,
-    SpikeTime,
-    TimeDropout,
-    eq7_spike_rate,
-    make_surrogate,
-    reset_state,
-)
+from snnadv.neurons import DT_INIT, LIF, TimeDropout, eq7_spike_rate, reset_state
+from snnadv.surrogates import FastSigmoid, LinearSurrogate, SpikeTime, make_surrogate
 
 # -- dynamics -------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ COMPARE = textwrap.dedent('''
     from snnadv.kernels import scan
     from snnadv.kernels.scan import _LIFScan, lif_scan
     from snnadv.kernels.triton_scan import TritonLIFScan
-    from snnadv.neurons import FastSigmoid, LinearSurrogate, SpikeTime
+    from snnadv.surrogates import FastSigmoid, LinearSurrogate, SpikeTime
 
     SURROGATES = {"stdb": SpikeTime(alpha=0.3, beta=0.05), "linear": LinearSurrogate(0.3),
                   "fast-sigmoid": FastSigmoid(5.0)}
@@ -111,6 +111,7 @@ COMPARE = textwrap.dedent('''
         # backend (SNNADV_SCAN); same logits and weight gradients
         import os
         from snnadv.models import SNN, get_spec
+        from snnadv.models.snn import record_spikes
         torch.manual_seed(0)
         base = SNN(get_spec("tiny", 10), num_steps=4, leak=0.95).to(device)
         base.set_thresholds({k: 0.25 for k in base.thresholds()})
@@ -121,12 +122,11 @@ COMPARE = textwrap.dedent('''
             model = SNN(get_spec("tiny", 10), num_steps=4, leak=0.95).to(device)
             model.load_state_dict(base.state_dict())
             model.set_thresholds(base.thresholds())
-            counts = []
-            for n in model.neurons:
-                n.spike_hook = lambda spk: counts.append((spk.sum().item(), spk.numel()))
             torch.manual_seed(1)  # the same encoder spikes
             before = scan.RUNS.copy()
-            logits = model(x)
+            with record_spikes(model) as spikes:
+                logits = model(x)
+            counts = [(c.sum().item(), c.numel() * spikes.steps[n]) for n, c in spikes.counts.items()]
             rate = sum(c for c, _ in counts) / sum(n for _, n in counts)
             logits.square().sum().backward()
             res[b] = (logits.detach(), [p.grad for p in model.parameters()])
@@ -188,13 +188,13 @@ def test_a_failing_kernel_falls_back_to_the_pytorch_scan(monkeypatch, where):
     pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
     from snnadv.kernels import triton_scan
     from snnadv.kernels.scan import _LIFScan
-    from snnadv.neurons import SpikeTime
+    from snnadv.surrogates import SpikeTime
 
     def fail(*args, **kwargs):
         raise RuntimeError("simulated compile failure")
 
     monkeypatch.setattr(triton_scan, "_interpreting", lambda: True)  # accept CPU tensors
-    monkeypatch.setattr(triton_scan, "broken", None)
+    monkeypatch.setattr(triton_scan.STATE, "broken", None)
     monkeypatch.setattr(triton_scan, "_launch_" + where, fail)
     if where == "backward":  # a forward that "ran" on the kernel: the PyTorch one fills its outputs
         def forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem, keep_bits):
@@ -212,7 +212,7 @@ def test_a_failing_kernel_falls_back_to_the_pytorch_scan(monkeypatch, where):
         results.append((spk.detach(), mem.detach(), dt, c.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    assert triton_scan.broken and "simulated" in triton_scan.broken and not triton_scan.available()
+    assert triton_scan.STATE.broken and "simulated" in triton_scan.STATE.broken and not triton_scan.available()
 
 
 def test_the_comparison_fails_when_the_kernel_does_not_run(monkeypatch, capsys):
@@ -227,7 +227,7 @@ def test_the_comparison_fails_when_the_kernel_does_not_run(monkeypatch, capsys):
         raise RuntimeError("simulated launch failure")
 
     monkeypatch.setattr(triton_scan, "_interpreting", lambda: True)  # accept CPU tensors
-    monkeypatch.setattr(triton_scan, "broken", None)
+    monkeypatch.setattr(triton_scan.STATE, "broken", None)
     monkeypatch.setattr(triton_scan, "_launch_forward", fail)
     monkeypatch.setattr(triton_scan, "_launch_backward", fail)
     namespace = {"__name__": "compare_triton_scan"}
@@ -248,7 +248,7 @@ def test_forward_kernel_keeps_no_spike_copy_without_a_gradient(monkeypatch):
     T x N uint8 tensor is allocated); with it, it writes them for backward."""
     pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
     from snnadv.kernels import triton_scan
-    from snnadv.neurons import SpikeTime
+    from snnadv.surrogates import SpikeTime
 
     seen = []
 

@@ -16,11 +16,14 @@ What is saved for backward:
 * the initial state (one frame).
 
 The Eq. 4 surrogate needs only dt, which backward rebuilds from the saved spikes.
+This module imports no neuron (the surrogates come in as arguments);
+:mod:`snnadv.kernels.triton_scan` imports this one, never the reverse at import time.
 
 Forward (per step; see :mod:`snnadv.neurons` for the conventions):
 
-    u[t] = lam * u[t-1] + I[t] - thr * s[t-1]          (soft reset)
-    u[t] = lam * (1 - s[t-1]) * u[t-1] + I[t]          (hard reset)
+    u[t] = lam * u[t-1] + I[t] - thr * s[t-1]          (soft reset, "subtract")
+    u[t] = lam * (1 - s[t-1]) * u[t-1] + I[t]          (hard reset, "zero")
+    u[t] = lam * u[t-1] + I[t]                         (no reset, "none")
     s[t] = H(u[t] - thr);  dt[t+1] = 1 if s[t] else dt[t] + 1
 
 Backward (BPTT; the reset term carries no gradient):
@@ -29,7 +32,8 @@ Backward (BPTT; the reset term carries no gradient):
     dL/dI[t] = dL/du[t]
     dL/du[-1] = dL/du[0] * lam * (1 - s[-1] if hard else 1)     (the initial state)
 
-(u[t+1] depends on u[t] through lam * (1 - s[t]) for a hard reset.)  sg[t] is the
+(u[t+1] depends on u[t] through lam * (1 - s[t]) for a hard reset; "none" has the
+soft reset's backward.)  sg[t] is the
 surrogate ds/du at step t; for Eq. 4, sg[t] = alpha * exp(-beta * dt[t]) is carried
 as a running factor (times exp(-beta) per silent step, alpha * exp(-beta) after a
 spike, where dt = 1) instead of recomputing the exponential.
@@ -58,6 +62,8 @@ import torch
 from ..errors import SnnadvError
 
 BACKENDS = ("auto", "torch", "triton")
+#: reset conventions, snnTorch's names (see the forward above)
+RESETS = ("subtract", "zero", "none")
 
 #: how many times each implementation ran, per direction, in this process
 RUNS: Counter = Counter()
@@ -68,12 +74,25 @@ def runs_since(before: Counter) -> dict[str, int]:
     return {k: v for k, v in (RUNS - before).items() if v}
 
 
+def reset_mode(reset) -> str:
+    """``"subtract"`` | ``"zero"`` | ``"none"`` from a reset name, or from a bool (whether
+    the reset is hard, as the scans took it before ``"none"`` existed)."""
+    if isinstance(reset, bool):
+        return "zero" if reset else "subtract"
+    if reset not in RESETS:
+        raise SnnadvError(f"unknown reset '{reset}' (choose {', '.join(RESETS)})")
+    return reset
+
+
 class _LIFScan(torch.autograd.Function):
-    """The scan over ``[T, N]`` currents; mem0 and dt0 are ``[N]``."""
+    """The scan over ``[T, N]`` currents; mem0 and dt0 are ``[N]``; ``reset`` a
+    :data:`RESETS` name (or a bool: hard or soft)."""
 
     @staticmethod
-    def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate, strict=False):
+    def forward(ctx, current, mem0, dt0, leak, thr, reset, surrogate, strict=False):
         RUNS["forward:torch"] += 1
+        mode = reset_mode(reset)
+        hard, subtract = mode == "zero", mode == "subtract"
         T = current.shape[0]
         out = torch.empty_like(current)  # spikes in the current's dtype (the next layer's input)
         keep_mem = surrogate.needs_mem and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
@@ -89,7 +108,7 @@ class _LIFScan(torch.autograd.Function):
                 dst.add_(current[t])
             else:
                 torch.add(mem, current[t], out=dst)
-            if not hard:
+            if subtract:
                 dst.sub_(prev, alpha=thr)
             mem = dst
             prev = torch.gt(mem, thr, out=out[t])
@@ -215,14 +234,15 @@ def _frame_rows(x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
 
 
 def lif_scan(current: torch.Tensor, mem0: torch.Tensor, dt0: torch.Tensor, leak: float, thr: float,
-             hard: bool, surrogate, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             reset: str | bool, surrogate, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the LIF recurrence over the first axis of ``current``.
 
     Args:
         current: input currents [T, ...] (the synaptic layer's output for T frames).
         mem0, dt0: the state before the first step (one frame each).
-        leak, thr, hard: lambda, threshold, and whether the reset is to zero.
-        surrogate: a :class:`snnadv.neurons.Surrogate` (used in backward only).
+        leak, thr: lambda and the threshold.
+        reset: ``"subtract"`` | ``"zero"`` | ``"none"`` (or a bool: whether the reset is to zero).
+        surrogate: a :class:`snnadv.surrogates.Surrogate` (used in backward only).
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch),
             ``"torch"`` or ``"triton"``; None: the environment variable
             ``SNNADV_SCAN`` if set, else ``"auto"``.
@@ -244,7 +264,7 @@ def lif_scan(current: torch.Tensor, mem0: torch.Tensor, dt0: torch.Tensor, leak:
             fn = triton_scan.TritonLIFScan.apply
         else:
             RUNS["forward:triton-unavailable"] += 1
-    spk, mem, dt = fn(cur2, mem2, dt2, float(leak), float(thr), bool(hard), surrogate, backend == "triton")
+    spk, mem, dt = fn(cur2, mem2, dt2, float(leak), float(thr), reset_mode(reset), surrogate, backend == "triton")
     frame_shape = (1, *current.shape[1:])
     return (unrows(spk, current.shape, perm), unrows(mem.unsqueeze(0), frame_shape, perm)[0],
             unrows(dt.unsqueeze(0), frame_shape, perm)[0])

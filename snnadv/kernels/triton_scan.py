@@ -6,6 +6,7 @@ neuron of paper Eq. 3 (snnTorch's conventions, see :mod:`snnadv.neurons`):
 
     u[t] = lam * u[t-1] + I[t] - thr * s[t-1]          (soft reset; thr not leaked)
     u[t] = lam * (1 - s[t-1]) * u[t-1] + I[t]          (hard reset, to zero)
+    u[t] = lam * u[t-1] + I[t]                         (no reset, snnTorch's "none")
     s[t] = H(u[t] - thr)   (strict >),   s[-1] = H(u[-1] - thr)
     dt[0] = dt0,  dt[t+1] = 1 if s[t] else dt[t] + 1
 
@@ -48,18 +49,22 @@ and a gradient is needed; plus mem0 and dt0 (one frame).  Eq. 4 needs no membran
 
 Tested against :mod:`snnadv.kernels.scan` in ``tests/test_triton_scan.py``: under the
 Triton interpreter on the CPU (``TRITON_INTERPRET=1``) and on a CUDA GPU when one is
-present.  :func:`snnadv.kernels.scan.lif_scan` dispatches here on CUDA.
+present.  :func:`snnadv.kernels.scan.lif_scan` dispatches here on CUDA (importing this
+module only then; this module imports the scan, and the surrogates, never a neuron).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import SnnadvError
-from ..neurons import FastSigmoid, LinearSurrogate, SpikeTime
+from ..surrogates import FastSigmoid, LinearSurrogate, SpikeTime
+from .scan import RUNS, _LIFScan, reset_mode
 
 try:  # Triton is optional: without it (or without CUDA) lif_scan uses the PyTorch scan
     import triton
@@ -79,17 +84,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-#: why the kernels were switched off for ``auto`` in this process (None: they work or
-#: were not tried); every call that then runs the PyTorch scan instead is counted in
-#: :data:`snnadv.kernels.scan.RUNS` (``forward:triton-unavailable``)
-broken: str | None = None
+@dataclass
+class KernelState:
+    """Whether the kernels work in this process.
+
+    ``broken``: why they were switched off for ``auto`` (None: they work or were not
+    tried); every call that then runs the PyTorch scan instead is counted in
+    :data:`snnadv.kernels.scan.RUNS` (``forward:triton-unavailable``)."""
+
+    broken: str | None = None
+
+
+#: the process's one :class:`KernelState` (tests replace its fields)
+STATE = KernelState()
 
 
 def available() -> bool:
     """True when the Triton scan can run: Triton imports and a CUDA GPU is present, or
     the Triton interpreter is on (``TRITON_INTERPRET=1``, CPU tensors; for tests), and
     no launch has failed in this process (see :func:`_give_up`)."""
-    return triton is not None and broken is None and (torch.cuda.is_available() or _interpreting())
+    return triton is not None and STATE.broken is None and (torch.cuda.is_available() or _interpreting())
 
 
 def _give_up(where: str, error: Exception, strict: bool) -> None:
@@ -98,16 +112,13 @@ def _give_up(where: str, error: Exception, strict: bool) -> None:
 
     The results do not change (the two compute the same function); only speed does.
     """
-    global broken
-    from .scan import RUNS
-
     RUNS[f"{where}:triton-failed"] += 1
     if strict:
         raise SnnadvError(f"the Triton LIF scan failed in {where}: {type(error).__name__}: {error} "
                           f"(SNNADV_SCAN=auto falls back to the PyTorch scan)") from error
-    if broken is None:
-        broken = f"{where}: {type(error).__name__}: {error}"
-        warnings.warn(f"the Triton LIF scan failed ({broken}); using the PyTorch scan instead "
+    if STATE.broken is None:
+        STATE.broken = f"{where}: {type(error).__name__}: {error}"
+        warnings.warn(f"the Triton LIF scan failed ({STATE.broken}); using the PyTorch scan instead "
                       f"(set SNNADV_SCAN=torch to skip Triton)", RuntimeWarning, stacklevel=3)
 
 
@@ -132,8 +143,8 @@ if triton is not None:
                         spk_ptr, bits_ptr, mems_ptr,  # outputs [T, N]: spikes, uint8 spikes, membranes
                         memT_ptr, dtT_ptr,  # outputs [N]: the state after the last step
                         T, N, leak, thr,
-                        HARD: tl.constexpr, KEEP_MEM: tl.constexpr, KEEP_BITS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        HARD: tl.constexpr, SUBTRACT: tl.constexpr, KEEP_MEM: tl.constexpr,
+                        KEEP_BITS: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < N  # lanes past N load undefined values and store nothing
         mem = tl.load(mem0_ptr + offs, mask=live).to(tl.float32)
@@ -150,7 +161,7 @@ if triton is not None:
                 mem = tl.where(prev, 0.0, mem)
             mem = mem * leak
             mem = mem + current
-            if not HARD:
+            if SUBTRACT:  # (neither HARD nor SUBTRACT: no reset)
                 mem = mem - tl.where(prev, thr, 0.0)
             spike = mem > thr
             # (0.0/1.0 through fp32: exact in any float dtype; the interpreter cannot cast
@@ -254,23 +265,16 @@ def _grid(N: int) -> tuple[int]:
 
 def _device_guard(x: torch.Tensor):
     """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else _Null()
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
 
 
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _launch_forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, hard, keep_mem,
+def _launch_forward(current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr, reset, keep_mem,
                     keep_bits=True):
+    """``reset``: a :data:`snnadv.kernels.scan.RESETS` name."""
     with _device_guard(current):
         _lif_fwd_kernel[_grid(N)](current, mem0, dt0, spikes, bits, mems, memT, dtT, T, N, leak, thr,
-                                  HARD=hard, KEEP_MEM=keep_mem, KEEP_BITS=keep_bits, BLOCK=BLOCK,
-                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                  HARD=reset == "zero", SUBTRACT=reset == "subtract", KEEP_MEM=keep_mem,
+                                  KEEP_BITS=keep_bits, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _launch_backward(grad_spk, gmemT, bits, mems, mem0, dt0, work, gcur, gmem0, T, N, leak, thr, p0, p1,
@@ -285,7 +289,7 @@ def _launch_backward(grad_spk, gmemT, bits, mems, mem0, dt0, work, gcur, gmem0, 
 
 class TritonLIFScan(torch.autograd.Function):
     """Same contract as :class:`snnadv.kernels.scan._LIFScan`: ``apply(current [T, N],
-    mem0 [N], dt0 [N], leak, thr, hard, surrogate)`` -> ``(spikes [T, N] in current's
+    mem0 [N], dt0 [N], leak, thr, reset, surrogate)`` -> ``(spikes [T, N] in current's
     dtype, membrane after the last step [N] fp32, dt after the last step [N])``.
 
     A surrogate other than the three built-in classes falls back to the PyTorch scan
@@ -294,14 +298,13 @@ class TritonLIFScan(torch.autograd.Function):
     :data:`snnadv.kernels.scan.RUNS` (``forward:triton``, ``backward:triton``)."""
 
     @staticmethod
-    def forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate, strict=False):
-        from .scan import RUNS, _LIFScan
-
+    def forward(ctx, current, mem0, dt0, leak, thr, reset, surrogate, strict=False):
+        reset = reset_mode(reset)
         code = _surrogate_code(surrogate)
         ctx.fallback, ctx.strict = code is None, bool(strict)
         if ctx.fallback:  # not implemented in the kernels: the readable version
             RUNS["forward:triton-surrogate"] += 1
-            return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate)
+            return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, reset, surrogate)
         if not (current.is_cuda or _interpreting()):
             raise RuntimeError("the Triton LIF scan needs CUDA tensors (or TRITON_INTERPRET=1)")
         if current.dim() != 2:
@@ -323,25 +326,23 @@ class TritonLIFScan(torch.autograd.Function):
             try:
                 _launch_forward(current, mem0c, dt0c, spikes, bits if grad_needed else spikes,
                                 mems if keep_mem else memT, memT, dtT,
-                                T, N, float(leak), float(thr), bool(hard), keep_mem, grad_needed)
+                                T, N, float(leak), float(thr), reset, keep_mem, grad_needed)
                 RUNS["forward:triton"] += 1
             except Exception as e:  # noqa: BLE001 - any compile/launch failure: same math in PyTorch
                 _give_up("forward", e, ctx.strict)
                 ctx.fallback = True
-                return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, hard, surrogate)
+                return _LIFScan.forward(ctx, current, mem0, dt0, leak, thr, reset, surrogate)
         else:  # nothing to scan: the state passes through
             memT.copy_(mem0c)
             dtT.copy_(dt0c + T)
         ctx.save_for_backward(bits.view(torch.bool), mems if keep_mem else torch.empty(0), mem0c, dt0c)
-        ctx.leak, ctx.thr, ctx.hard, ctx.code = float(leak), float(thr), bool(hard), code
+        ctx.leak, ctx.thr, ctx.hard, ctx.code = float(leak), float(thr), reset == "zero", code
         ctx.surrogate = surrogate  # for the PyTorch backward, should the kernel fail
         ctx.mark_non_differentiable(dtT)
         return spikes, memT, dtT
 
     @staticmethod
     def backward(ctx, grad_spk, grad_mem_T, grad_dt):
-        from .scan import RUNS, _LIFScan
-
         if ctx.fallback:
             return _LIFScan.backward(ctx, grad_spk, grad_mem_T, grad_dt)
         spikes, mems, mem0, dt0 = ctx.saved_tensors

@@ -1,4 +1,8 @@
-"""The SNN built from the same spec as the ANN (each ReLU -> an LIF/IF neuron).
+"""The SNN built from the same spec as the ANN (each ReLU -> a spiking neuron).
+
+The neuron is any registered :class:`~snnadv.neurons.Neuron` (``neuron="lif"`` by
+default: :class:`~snnadv.neurons.LIF`, an IF neuron at leak 1.0), named in the model's
+settings and in its checkpoints.
 
 ``logits = snn(images in [0, 1], num_steps=T)``: one call encodes the images into T
 spike frames (:class:`~snnadv.encoding.RateEncoder`), runs them through the
@@ -19,6 +23,13 @@ Time loop.  Two interchangeable executions of the same network:
   layer per timestep, neurons through snnTorch's single-step ``forward``.  Slow;
   kept to test the fused path against.
 
+The time loop is public for tools that need part of it: :meth:`SNN.chunks` (the input
+frames of each chunk, after a state reset), :meth:`SNN.hidden` (a chunk through the
+hidden layers, or up to one of them), :meth:`SNN.readout`, :meth:`SNN.layer` (one module
+on a chunk) and :meth:`SNN.hidden_layers`.  Conversion balances thresholds with it;
+:func:`record_spikes` counts every layer's spikes and :meth:`SNN.capture_first_layer`
+collects Algorithm 1's first-layer gradient, both as context managers.
+
 Output layer (paper Sec. 2.2, ``reference-notes.md``): everything after the last
 spiking layer (pooling, dropout with its fixed mask, the final linear layer) is
 linear and bias-free, so it integrates without threshold or leak; the fused path
@@ -27,6 +38,10 @@ applies it once to the summed spikes, the reference path every step.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -34,8 +49,9 @@ from ..config import parse_precision
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
 from ..kernels.linear import linear
-from ..neurons import LIF, Surrogate, TimeDropout, make_surrogate, reset_state
-from ..runtime import keep_freed_memory
+from ..neurons import Neuron, TimeDropout, reset_state
+from ..registry import NEURONS
+from ..surrogates import Surrogate, make_surrogate
 from .ann import BasicBlock, make_layer
 from .spec import Act, ArchSpec, Block
 
@@ -43,40 +59,54 @@ MODES = ("fused", "reference")
 
 
 class SNN(nn.Module):
-    """A spiking network; ``kind`` is ``"snn-conv"`` or ``"snn-bp"`` (set by the stage).
+    """A spiking network; ``kind`` says which stage made it (``"snn-conv"``, ``"snn-bp"``).
 
     Args:
         spec: the architecture (shared with the ANN).
         num_steps: default T for ``forward``.
         leak: lambda of every hidden neuron (1.0 = IF).
-        reset: ``"subtract"`` (default) or ``"zero"``.
+        reset: ``"subtract"`` (default), ``"zero"`` or ``"none"``.
         surrogate: the training/attack-time surrogate (default Eq. 4).
         input_bits, input_range, gain: encoder settings (see :mod:`snnadv.encoding`).
         mode: ``"fused"`` (default) or ``"reference"`` (see the module docstring).
         chunk_steps: timesteps per chunk in fused mode (None: automatic).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the synaptic layers).
+        neuron: the registered neuron of every spiking layer (:data:`snnadv.registry.NEURONS`;
+            default ``"lif"``), built by its :meth:`~snnadv.neurons.Neuron.build` from
+            ``leak``, ``reset``, ``surrogate`` and ``neuron_params``.
+        neuron_params: the neuron's extra parameters (its :meth:`~snnadv.neurons.Neuron.params`).
+        kind: the stage that made the model (``"snn"`` when none did).
     """
-
-    kind = "snn"
 
     def __init__(self, spec: ArchSpec, num_steps: int = 100, leak: float = 1.0, reset: str = "subtract",
                  surrogate: Surrogate | None = None, input_bits: int | None = None,
                  input_range: str = "unit", gain: float = 1.0, mode: str = "fused",
-                 chunk_steps: int | None = None, precision: str = "fp32"):
+                 chunk_steps: int | None = None, precision: str = "fp32", *, neuron: str = "lif",
+                 neuron_params: dict | None = None, kind: str = "snn"):
         super().__init__()
         if mode not in MODES:
             raise SnnadvError(f"unknown mode '{mode}' (choose {', '.join(MODES)})")
         parse_precision(precision)
+        cls = NEURONS[neuron]
+        if not (isinstance(cls, type) and issubclass(cls, Neuron)):
+            raise SnnadvError(f"neuron '{neuron}' is registered as {cls!r}, not a snnadv.neurons.Neuron subclass")
         self.spec = spec
+        self.kind = kind
+        self.neuron = neuron
         self.num_steps = check_steps(num_steps)
         self.mode = mode
         self.precision = precision
         self.chunk_steps = chunk_steps
         self.encoder = RateEncoder(input_bits, input_range, gain)
         surrogate = surrogate or make_surrogate("stdb")
+        params = dict(neuron_params or {})
+
+        def make_neuron():
+            return cls.build(leak=leak, threshold=1.0, reset=reset, surrogate=surrogate, **params)
+
         self._names = [l.name for l in spec.layers]
         for layer in spec.layers:
-            self.add_module(layer.name, make_layer(layer, lambda: LIF(leak, 1.0, reset, surrogate), TimeDropout))
+            self.add_module(layer.name, make_layer(layer, make_neuron, TimeDropout))
         spiking = [i for i, l in enumerate(spec.layers) if isinstance(l, (Act, Block))]
         if not spiking:
             raise SnnadvError(f"architecture {spec.arch} has no spiking layer")
@@ -85,11 +115,7 @@ class SNN(nn.Module):
         # the first synaptic layer (Alg. 1 differentiates w.r.t. its output); kept in a
         # tuple so that it is not registered a second time as a sub-module
         self._first = (next(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))),)
-        #: Alg. 1: a 0-d leaf added to the first layer's output of every chunk (None: off);
-        #: each chunk's dJ/d(output), summed over its frames in fp32, lands in
-        #: ``first_layer_grads`` through a hook (see :class:`snnadv.gradients.Algorithm1`)
-        self.capture_first_layer: torch.Tensor | None = None
-        self.first_layer_grads: dict[int, torch.Tensor] = {}
+        self._capture: FirstLayerGradients | None = None  # set by capture_first_layer()
 
     @property
     def first_conv(self) -> nn.Module:
@@ -97,20 +123,25 @@ class SNN(nn.Module):
 
     # -- settings --------------------------------------------------------------
     @property
-    def neurons(self) -> list[LIF]:
-        return [m for m in self.modules() if isinstance(m, LIF)]
+    def neurons(self) -> list[Neuron]:
+        return [m for m in self.modules() if isinstance(m, Neuron)]
 
     @property
     def neuron_names(self) -> list[str]:
-        return [n for n, m in self.named_modules() if isinstance(m, LIF)]
+        return [n for n, m in self.named_modules() if isinstance(m, Neuron)]
+
+    @property
+    def neuron_params(self) -> dict:
+        """The neurons' extra parameters (checkpoints record them beside :attr:`neuron`)."""
+        return self.neurons[0].params()
 
     def thresholds(self) -> dict[str, float]:
-        return {n: m.thr for n, m in self.named_modules() if isinstance(m, LIF)}
+        return {n: m.thr for n, m in self.named_modules() if isinstance(m, Neuron)}
 
     def set_thresholds(self, values: dict[str, float]) -> None:
         mods = dict(self.named_modules())
         for name, v in values.items():
-            if not isinstance(mods.get(name), LIF):
+            if not isinstance(mods.get(name), Neuron):
                 raise SnnadvError(f"no spiking layer named '{name}' in {self.spec.arch}")
             mods[name].set_threshold(v)
 
@@ -125,28 +156,50 @@ class SNN(nn.Module):
             m.surrogate = surrogate
 
     @property
-    def surrogate(self) -> Surrogate:
+    def surrogate(self) -> Surrogate | None:
         return self.neurons[0].surrogate
 
     @property
-    def leak(self) -> float:
+    def leak(self) -> float | None:
         return self.neurons[0].leak
+
+    @property
+    def reset(self) -> str:
+        """The neurons' reset (snnTorch's name: ``"subtract"`` | ``"zero"`` | ``"none"``)."""
+        return getattr(self.neurons[0], "reset_mechanism", "subtract")
 
     def reset_state(self) -> None:
         reset_state(self)
-        self.first_layer_grads = {}
+        if self._capture is not None:
+            self._capture.chunks = {}
+
+    # -- Algorithm 1's capture -----------------------------------------------------
+    @contextmanager
+    def capture_first_layer(self, device=None) -> Iterator["FirstLayerGradients"]:
+        """Inside the block, every run sums dJ/d(first-layer output) of each chunk over
+        its frames (fp32) into the yielded :class:`FirstLayerGradients` (Alg. 1): call
+        ``torch.autograd.grad(loss, capture.leaf)``, then ``capture.total()``."""
+        if self._capture is not None:
+            raise SnnadvError("this SNN is already capturing its first layer's gradient")
+        self._capture = FirstLayerGradients(device if device is not None else self.first_conv.weight.device)
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
 
     # -- running -----------------------------------------------------------------
-    def _layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def hidden_layers(self) -> list[tuple[str, nn.Module]]:
+        """The top-level layers up to the last spiking one, in order: ``(name, module)``."""
+        return [(name, getattr(self, name)) for name in self._hidden]
+
+    def layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run one module on a [T, B, ...] chunk of frames."""
-        if isinstance(module, LIF):
-            if self.mode == "fused":
-                return module.multistep(x)
-            return torch.stack([module(x_t)[0] for x_t in x])
+        if isinstance(module, Neuron):
+            return module.run(x, fused=self.mode == "fused")
         if isinstance(module, TimeDropout):
             return module(x)
         if isinstance(module, BasicBlock):
-            return module(x, self._layer)
+            return module(x, self.layer)
         if isinstance(module, nn.AvgPool2d) and x.requires_grad:  # saves no input (spikes)
             return _AvgPool.apply(x.flatten(0, 1), module.kernel_size).unflatten(0, x.shape[:2])
         T, B = x.shape[:2]
@@ -160,11 +213,8 @@ class SNN(nn.Module):
                 y = linear(x4, module.weight, module.bias).unflatten(0, (T, B))
             else:
                 y = module(x4).unflatten(0, (T, B))
-        if module is self._first[0] and self.capture_first_layer is not None:
-            y = y + self.capture_first_layer  # (exact: adds zero)
-            chunk = len(self.first_layer_grads)
-            self.first_layer_grads[chunk] = None
-            y.register_hook(lambda g, _c=chunk: self.first_layer_grads.__setitem__(_c, g.sum(0, dtype=torch.float32)))
+        if module is self._first[0] and self._capture is not None:
+            y = self._capture.attach(y)
         return y
 
     #: convolutions in the fused path take channels-last (NHWC) frames, and the scans,
@@ -176,7 +226,8 @@ class SNN(nn.Module):
     #: values of the widest layer held at once when chunking automatically (without
     #: autograd; with it, see :meth:`chunk_for`): on a GPU 2^28 (1 GiB fp32), on a CPU
     #: 2^25.  Measured on the 2-core CPU, VGG5 at batch 16, with freed memory kept by
-    #: glibc (:mod:`snnadv.runtime`): inference at T=256, 8.2 / 9.2 / 9.9 / 10.1 / 9.9
+    #: glibc (:func:`snnadv.runtime.keep_freed_memory`, which the command line applies):
+    #: inference at T=256, 8.2 / 9.2 / 9.9 / 10.1 / 9.9
     #: img/s at 4 / 8 / 16 / 32 / 64 steps per chunk (2^25 gives 32).  (Without that
     #: setting every fresh large tensor page-faults and small chunks won: 6.1 img/s at 4.)
     chunk_budget = {"cuda": 2 ** 28, "cpu": 2 ** 25}
@@ -196,9 +247,40 @@ class SNN(nn.Module):
             budget = self.grad_chunk_budget
         else:
             budget = self.chunk_budget.get(device_type, self.chunk_budget["cpu"])
-        if device_type == "cpu":
-            keep_freed_memory()  # large chunks are only fast when freed memory is reused
         return max(1, min(num_steps, budget // (batch * self.spec.widest_activation())))
+
+    def chunks(self, x: torch.Tensor | None, num_steps: int,
+               frames: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """The time loop's input: the state is reset, then the input frames [n, B, ...] of
+        each chunk of ``num_steps`` steps (``x`` encoded here, or given ``frames``
+        [T, B, ...]); run each through :meth:`hidden` before asking for the next."""
+        self.reset_state()
+        ref = x if x is not None else frames
+        batch = ref.shape[0] if x is not None else ref.shape[1]
+        chunk = 1 if self.mode == "reference" else self.chunk_for(batch, num_steps, ref.device.type)
+        t0 = 0
+        while t0 < num_steps:
+            n = min(chunk, num_steps - t0)
+            yield self.encoder(x, n) if frames is None else frames[t0:t0 + n]
+            t0 += n
+
+    def hidden(self, h: torch.Tensor, until: str | None = None) -> torch.Tensor:
+        """A chunk of frames through the hidden layers (up to the last spiking one), or up
+        to the top-level layer holding the spiking layer ``until`` (e.g. ``"layer1_0.act1"``)."""
+        stop = None if until is None else until.split(".")[0]
+        if stop is not None and stop not in self._hidden:
+            raise SnnadvError(f"no spiking layer named '{until}' in {self.spec.arch}")
+        for name in self._hidden:
+            h = self.layer(getattr(self, name), h)
+            if name == stop:
+                break
+        return h
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The layers after the last spiking one (linear, bias-free) on [n, B, ...]."""
+        for name in self._tail:
+            h = self.layer(getattr(self, name), h)
+        return h
 
     def _run(self, x: torch.Tensor | None, num_steps: int, record_at: list[int],
              frames: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -206,33 +288,22 @@ class SNN(nn.Module):
 
         The input is ``x`` (encoded here) or ready-made spike ``frames`` [T, B, ...].
         """
-        self.reset_state()
-        ref = x if x is not None else frames
-        batch = ref.shape[0] if x is not None else ref.shape[1]
-        chunk = 1 if self.mode == "reference" else self.chunk_for(batch, num_steps, ref.device.type)
         acc = None  # summed output-layer input (fused) or summed output (reference)
         out, t0, want = [], 0, list(record_at)
-        while t0 < num_steps:
-            n = min(chunk, num_steps - t0)
-            h = self.encoder(x, n) if frames is None else frames[t0:t0 + n]
-            for name in self._hidden:
-                h = self._layer(getattr(self, name), h)
+        for h in self.chunks(x, num_steps, frames):
+            n = h.shape[0]
+            h = self.hidden(h)
             if self.mode == "reference":
-                h = self._readout(h)
+                h = self.readout(h)
             csum = h.cumsum(0, dtype=torch.float32)  # counts and sums in fp32 (bf16 is exact only to 256)
             csum = csum if acc is None else acc.unsqueeze(0) + csum
             while want and want[0] <= t0 + n:
                 t = want.pop(0)
                 s = csum[t - t0 - 1]
-                out.append((s if self.mode == "reference" else self._readout(s.unsqueeze(0))[0]).float() / t)
+                out.append((s if self.mode == "reference" else self.readout(s.unsqueeze(0))[0]).float() / t)
             acc = csum[-1]
             t0 += n
         return out
-
-    def _readout(self, h: torch.Tensor) -> torch.Tensor:
-        for name in self._tail:
-            h = self._layer(getattr(self, name), h)
-        return h
 
     def forward(self, x: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """Logits [B, classes] = accumulated output membrane / T, for images in [0, 1]."""
@@ -250,7 +321,70 @@ class SNN(nn.Module):
         return torch.stack(self._run(x, steps[-1], steps))
 
     def extra_repr(self) -> str:
-        return f"arch={self.spec.arch}, num_steps={self.num_steps}, mode={self.mode}"
+        return f"arch={self.spec.arch}, num_steps={self.num_steps}, mode={self.mode}, neuron={self.neuron}"
+
+
+class FirstLayerGradients:
+    """Alg. 1's capture (:meth:`SNN.capture_first_layer`): a 0-d zero ``leaf`` is added to
+    the first layer's output of every chunk (exact: it adds zero), and a hook sums each
+    chunk's dJ/d(output) over its frames in fp32 into ``chunks`` (chunk -> sum; None for
+    a chunk the loss does not reach), so neither the output nor its gradient outlives
+    its chunk, and a backward pass towards ``leaf`` computes no weight gradient."""
+
+    def __init__(self, device):
+        self.leaf = torch.zeros((), device=device, requires_grad=True)
+        self.chunks: dict[int, torch.Tensor | None] = {}
+
+    def attach(self, y: torch.Tensor) -> torch.Tensor:
+        y = y + self.leaf
+        chunk = len(self.chunks)
+        self.chunks[chunk] = None
+        y.register_hook(lambda g, _c=chunk: self.chunks.__setitem__(_c, g.sum(0, dtype=torch.float32)))
+        return y
+
+    def total(self) -> torch.Tensor:
+        """sum over t of dJ/d(first-layer output)(t) [B, ...], the chunks added in time order."""
+        sums = [self.chunks[c] for c in sorted(self.chunks)]
+        return sum(g for g in sums if g is not None)
+
+
+class SpikeRecord:
+    """Spikes counted by :func:`record_spikes`: per spiking layer (by module name),
+    ``counts`` [B, ...] (spikes summed over time, fp32: exact whatever the precision)
+    and ``steps`` (the timesteps counted)."""
+
+    def __init__(self):
+        self.counts: dict[str, torch.Tensor] = {}
+        self.steps: dict[str, int] = {}
+
+    def add(self, name: str, spikes: torch.Tensor) -> None:
+        count = spikes.sum(0, dtype=torch.float32)  # counts in fp32 (bf16 is exact only to 256)
+        self.counts[name] = count + self.counts[name] if name in self.counts else count
+        self.steps[name] = self.steps.get(name, 0) + spikes.shape[0]
+
+    def rates(self) -> dict[str, torch.Tensor]:
+        """Spike rate of every neuron (spikes per step) [B, ...], per layer."""
+        return {n: c / self.steps[n] for n, c in self.counts.items()}
+
+    def mean_rates(self) -> dict[str, float]:
+        """Mean spike rate of every layer (spikes per neuron per step)."""
+        return {n: float(c.sum(dtype=torch.float64)) / max(float(self.steps[n] * c.numel()), 1.0)
+                for n, c in self.counts.items()}
+
+
+@contextmanager
+def record_spikes(model: nn.Module) -> Iterator[SpikeRecord]:
+    """``with record_spikes(model) as spikes: model(x)``: count the spikes of every
+    :class:`~snnadv.neurons.Neuron` in ``model`` while the block runs (the model's own
+    time loop, any mode or chunking); the hooks are gone afterwards."""
+    record = SpikeRecord()
+    handles = [m.register_spike_hook(partial(record.add, name))
+               for name, m in model.named_modules() if isinstance(m, Neuron)]
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _AvgPool(torch.autograd.Function):
