@@ -86,6 +86,7 @@ def train_ann(**kw):
 @click.option("--scale", type=float, help="Threshold scale applied before fine-tuning (default 0.7).")
 @click.option("--balance", type=click.Choice(["all", "stem"]), help="Balance all spiking layers or only the non-residual stem.")
 @click.option("--curve", help="Timesteps at which to report accuracy, comma separated.")
+@click.option("--neuron", help="The registered neuron of the SNN (default lif, at leak 1: IF; plugins add more).")
 def convert(**kw):
     """Convert an ANN to an SNN (SNN-conv) by threshold balancing."""
     from snnadv.config import resolve

@@ -289,9 +289,12 @@ def build_model(ckpt: dict, device="cpu", **overrides):
     """The model a checkpoint describes, weights loaded, in eval mode.
 
     ``overrides`` change settings (e.g. ``num_steps=50``, ``input_bits=4``);
-    ``precision`` (``"fp32"`` | ``"bf16"``) is how an SNN runs, not part of the checkpoint.
+    ``precision`` (``"fp32"`` | ``"bf16"``) is how an SNN runs, not part of the checkpoint;
+    ``kind``: the SNN's stage when it differs from the checkpoint's (fine-tuning starts
+    an ``snn-bp`` model from an ``snn-conv`` checkpoint).
     """
     precision = overrides.pop("precision", None) or "fp32"
+    kind = overrides.pop("kind", None) or ckpt["stage"]
     spec = ArchSpec.from_dict(ckpt["spec"])
     s = {**ckpt.get("model", {}), **{k: v for k, v in overrides.items() if v is not None}}
     if ckpt["stage"] == "ann":
@@ -304,7 +307,7 @@ def build_model(ckpt: dict, device="cpu", **overrides):
                     reset=s.get("reset", "subtract"), surrogate=sur, input_bits=s.get("input_bits"),
                     input_range=s.get("input_range", "unit"), gain=float(s.get("gain", 1.0)),
                     precision=precision, neuron=s.get("neuron", "lif"), neuron_params=s.get("neuron_params"),
-                    kind=ckpt["stage"])
+                    kind=kind)
     load_weights(model, ckpt["state_dict"], "checkpoint")
     if ckpt["stage"] != "ann":
         model.set_thresholds(s.get("thresholds", {}))

@@ -373,9 +373,8 @@ def finetune(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | Non
     device, train, test = _setup(cfg)
     sur = make_surrogate(cfg["surrogate"], alpha=cfg["alpha"], beta=cfg["beta"], gamma=cfg["gamma"])
     model = build_model(parent, device, num_steps=cfg["timesteps"], leak=float(cfg["leak"]),
-                        surrogate={"name": sur.name, **sur.params()}, precision=cfg.get("precision"))
+                        surrogate={"name": sur.name, **sur.params()}, precision=cfg.get("precision"), kind="snn-bp")
     model.set_thresholds({k: v * scale for k, v in model.thresholds().items()})
-    model.kind = "snn-bp"
     resume = _resume_state(out, cfg, "snn-bp", arch)
     if resume:
         then = {**{k: resume["config"].get(k) for k in RESUME_KEYS["snn-bp"] if k in (resume.get("config") or {})},

@@ -1,7 +1,7 @@
 """The Triton LIF scan (snnadv.kernels.triton_scan) against the PyTorch one (scan._LIFScan).
 
 Same spikes (bit for bit), final state and gradients for every surrogate (stdb, linear,
-fast-sigmoid) x reset (soft, hard) x leak (IF, LIF), with carried state (nonzero mem0,
+fast-sigmoid) x reset (soft, hard; and none) x leak (IF, LIF), with carried state (nonzero mem0,
 finite dt0).  On the CPU the kernels run under the Triton interpreter, which must be
 switched on (TRITON_INTERPRET=1) before any kernel is defined, so that comparison runs
 in a subprocess; on a CUDA GPU the compiled kernels are compared at a larger size.
@@ -91,6 +91,8 @@ COMPARE = textwrap.dedent('''
             compare(case, T, N, torch.float32, device, leak, hard, sname, seed)
         for sname in SURROGATES:  # bf16 currents (the spikes and gradients come back in bf16)
             compare(f"{sname} soft leak=0.9 bf16", T, N, torch.bfloat16, device, 0.9, False, sname, 100)
+        for sname in SURROGATES:  # no reset (snnTorch's "none"); a strong leak keeps the rate moderate
+            compare(f"{sname} none leak=0.5 fp32", T, N, torch.float32, device, 0.5, "none", sname, 400)
         compare("stdb hard leak=0.9 T=1", 1, N, torch.float32, device, 0.9, True, "stdb", 200)
 
         # through lif_scan: a channels-last [T, B, C, H, W] tensor, backend forced
@@ -152,7 +154,7 @@ def _check(lines: list[str]) -> None:
     results = [json.loads(line) for line in lines if line.startswith("{")]
     failed = [f"{r['case']}: {'; '.join(r['errors'])}" for r in results if r["errors"]]
     assert not failed, "Triton scan differs from _LIFScan:\n" + "\n".join(failed)
-    assert len(results) == 12 + 3 + 1 + 1 + 1, f"expected 18 cases, got {len(results)}"
+    assert len(results) == 12 + 3 + 3 + 1 + 1 + 1, f"expected 21 cases, got {len(results)}"
     for r in results:  # the inputs exercise both spiking and silent neurons
         assert 0.1 < r["rate"] < 0.6, f"{r['case']}: spike rate {r['rate']:.2f}"
 
