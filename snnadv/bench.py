@@ -60,9 +60,8 @@ from .checkpoint import load_weights
 from .config import parse_precision, resolve, resolve_device
 from .errors import SnnadvError
 from .kernels import scan
-from .models import ANN, SNN, get_spec
+from .models import ANN, SNN, get_spec, record_spikes
 from .models.ann import BasicBlock, make_layer
-from .models.snn import record_spikes
 from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
 from .neurons import TimeDropout, reset_state
 from .outputs import Outputs, guarded
@@ -354,7 +353,7 @@ def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak:
 
 def spike_rates(model: SNN, x: torch.Tensor, num_steps: int) -> dict[str, float]:
     """Mean spike rate (spikes per neuron per step) of every spiking layer of an SNN on ``x``
-    (one eval forward on the fused path, counted by :func:`snnadv.models.snn.record_spikes`)."""
+    (one eval forward on the fused path, counted by :func:`snnadv.models.record_spikes`)."""
     was, mode = model.training, model.mode
     model.eval()
     model.mode = "fused"

@@ -21,7 +21,7 @@ import difflib
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from .errors import SnnadvError
@@ -262,7 +262,7 @@ class Setting:
     lo: float | None = None
     hi: float | None = None
     open_lo: bool = False
-    choices: tuple = ()
+    choices: tuple = field(default=(), hash=False)  # a tuple, or a registry (snnadv.registry)
     optional: bool = False
     as_list: bool = True  # ints/floats: hand a "a,b" string on as a list (False: as given)
 

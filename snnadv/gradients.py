@@ -66,9 +66,8 @@ from torch import nn
 
 from .encoding import normalize, quantize
 from .errors import SnnadvError
-from .models import SNN
+from .models import SNN, record_spikes
 from .models.ann import BasicBlock
-from .models.snn import record_spikes
 from .neurons import Neuron
 from .registry import SURROGATES
 from .surrogates import make_surrogate

@@ -113,7 +113,7 @@ COMPARE = textwrap.dedent('''
         # backend (SNNADV_SCAN); same logits and weight gradients
         import os
         from snnadv.models import SNN, get_spec
-        from snnadv.models.snn import record_spikes
+        from snnadv.models import record_spikes
         torch.manual_seed(0)
         base = SNN(get_spec("tiny", 10), num_steps=4, leak=0.95).to(device)
         base.set_thresholds({k: 0.25 for k in base.thresholds()})

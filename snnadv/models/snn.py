@@ -27,7 +27,7 @@ The time loop is public for tools that need part of it: :meth:`SNN.chunks` (the 
 frames of each chunk, after a state reset), :meth:`SNN.hidden` (a chunk through the
 hidden layers, or up to one of them), :meth:`SNN.readout`, :meth:`SNN.layer` (one module
 on a chunk) and :meth:`SNN.hidden_layers`.  Conversion balances thresholds with it;
-:func:`record_spikes` counts every layer's spikes and :meth:`SNN.capture_first_layer`
+:func:`~snnadv.models.record_spikes` counts every layer's spikes and :meth:`SNN.capture_first_layer`
 collects Algorithm 1's first-layer gradient, both as context managers.
 
 Output layer (paper Sec. 2.2, ``reference-notes.md``): everything after the last
@@ -39,7 +39,6 @@ applies it once to the summed spikes, the reference path every step.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import partial
 from typing import Iterator
 
 import torch
@@ -53,6 +52,7 @@ from ..neurons import Neuron, TimeDropout, reset_state
 from ..registry import NEURONS
 from ..surrogates import Surrogate, make_surrogate
 from .ann import BasicBlock, make_layer
+from .probes import FirstLayerGradients
 from .spec import Act, ArchSpec, Block
 
 MODES = ("fused", "reference")
@@ -322,69 +322,6 @@ class SNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.spec.arch}, num_steps={self.num_steps}, mode={self.mode}, neuron={self.neuron}"
-
-
-class FirstLayerGradients:
-    """Alg. 1's capture (:meth:`SNN.capture_first_layer`): a 0-d zero ``leaf`` is added to
-    the first layer's output of every chunk (exact: it adds zero), and a hook sums each
-    chunk's dJ/d(output) over its frames in fp32 into ``chunks`` (chunk -> sum; None for
-    a chunk the loss does not reach), so neither the output nor its gradient outlives
-    its chunk, and a backward pass towards ``leaf`` computes no weight gradient."""
-
-    def __init__(self, device):
-        self.leaf = torch.zeros((), device=device, requires_grad=True)
-        self.chunks: dict[int, torch.Tensor | None] = {}
-
-    def attach(self, y: torch.Tensor) -> torch.Tensor:
-        y = y + self.leaf
-        chunk = len(self.chunks)
-        self.chunks[chunk] = None
-        y.register_hook(lambda g, _c=chunk: self.chunks.__setitem__(_c, g.sum(0, dtype=torch.float32)))
-        return y
-
-    def total(self) -> torch.Tensor:
-        """sum over t of dJ/d(first-layer output)(t) [B, ...], the chunks added in time order."""
-        sums = [self.chunks[c] for c in sorted(self.chunks)]
-        return sum(g for g in sums if g is not None)
-
-
-class SpikeRecord:
-    """Spikes counted by :func:`record_spikes`: per spiking layer (by module name),
-    ``counts`` [B, ...] (spikes summed over time, fp32: exact whatever the precision)
-    and ``steps`` (the timesteps counted)."""
-
-    def __init__(self):
-        self.counts: dict[str, torch.Tensor] = {}
-        self.steps: dict[str, int] = {}
-
-    def add(self, name: str, spikes: torch.Tensor) -> None:
-        count = spikes.sum(0, dtype=torch.float32)  # counts in fp32 (bf16 is exact only to 256)
-        self.counts[name] = count + self.counts[name] if name in self.counts else count
-        self.steps[name] = self.steps.get(name, 0) + spikes.shape[0]
-
-    def rates(self) -> dict[str, torch.Tensor]:
-        """Spike rate of every neuron (spikes per step) [B, ...], per layer."""
-        return {n: c / self.steps[n] for n, c in self.counts.items()}
-
-    def mean_rates(self) -> dict[str, float]:
-        """Mean spike rate of every layer (spikes per neuron per step)."""
-        return {n: float(c.sum(dtype=torch.float64)) / max(float(self.steps[n] * c.numel()), 1.0)
-                for n, c in self.counts.items()}
-
-
-@contextmanager
-def record_spikes(model: nn.Module) -> Iterator[SpikeRecord]:
-    """``with record_spikes(model) as spikes: model(x)``: count the spikes of every
-    :class:`~snnadv.neurons.Neuron` in ``model`` while the block runs (the model's own
-    time loop, any mode or chunking); the hooks are gone afterwards."""
-    record = SpikeRecord()
-    handles = [m.register_spike_hook(partial(record.add, name))
-               for name, m in model.named_modules() if isinstance(m, Neuron)]
-    try:
-        yield record
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class _AvgPool(torch.autograd.Function):
