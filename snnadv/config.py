@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from .errors import SnnadvError
-from .registry import NEURONS, SURROGATES
+from .registry import ARCHITECTURES, NEURONS, SURROGATES
 
 #: settings every stage accepts (the one CLI convention)
 COMMON = {
@@ -378,7 +378,7 @@ _ALPHA = Setting("fraction", 0, 1, open_lo=True)
 _STEPS = Setting("int", 1, MAX_STEPS)
 _DRAWS = Setting("int", 1, MAX_DRAWS)
 _SURROGATES = SURROGATES  # the registry: read when a value is checked (plugins included)
-_ARCHS = ("vgg5", "vgg11", "resnet20", "tiny")
+_ARCHS = ARCHITECTURES  # the registry: read when a value is checked (plugins included)
 _KINDS = ("ann", "snn-conv", "snn-bp")
 
 #: every setting's type and domain; ``(stage, key)`` entries override ``key`` for that stage

@@ -40,6 +40,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
+from ..registry import ARCHITECTURES, register_architecture
+
 
 @dataclass(frozen=True)
 class Conv:
@@ -180,16 +182,19 @@ def _vgg(arch: str, cfg: list, fc: list[int], num_classes: int, p_conv=0.2, p_fc
     return ArchSpec(arch, num_classes, tuple(layers))
 
 
+@register_architecture("vgg5")
 def vgg5(num_classes: int = 10) -> ArchSpec:
     """VGG5: conv3-64, avgpool, conv3-128 (x2), avgpool, fc1024 (x2), fc-classes."""
     return _vgg("vgg5", [64, "A", 128, 128, "A"], [1024, 1024], num_classes)
 
 
+@register_architecture("vgg11")
 def vgg11(num_classes: int = 100) -> ArchSpec:
     """VGG11 (configuration A, avg-pool, fifth pool dropped for 32x32 inputs)."""
     return _vgg("vgg11", [64, "A", 128, "A", 256, 256, "A", 512, 512, "A", 512, 512], [4096, 4096], num_classes)
 
 
+@register_architecture("resnet20")
 def resnet20(num_classes: int = 10) -> ArchSpec:
     """ResNet20 for CIFAR with a two-conv 3x3 stem (see module docstring)."""
     layers: list = [
@@ -206,18 +211,17 @@ def resnet20(num_classes: int = 10) -> ArchSpec:
     return ArchSpec("resnet20", num_classes, tuple(layers))
 
 
+@register_architecture("tiny")
 def tiny(num_classes: int = 10) -> ArchSpec:
     """A small VGG-style net for tests and quick demos (not from the paper)."""
     return _vgg("tiny", [8, "A", 16, "A"], [64], num_classes)
 
 
-ARCHS = {"vgg5": vgg5, "vgg11": vgg11, "resnet20": resnet20, "tiny": tiny}
+#: name -> ``num_classes -> ArchSpec`` (the registry: plugins' architectures included)
+ARCHS = ARCHITECTURES
 
 
 def get_spec(arch: str, num_classes: int) -> ArchSpec:
-    """The spec of a named architecture for ``num_classes`` outputs."""
-    from ..errors import SnnadvError
-
-    if arch not in ARCHS:
-        raise SnnadvError(f"unknown architecture '{arch}' (choose {', '.join(ARCHS)})")
-    return ARCHS[arch](num_classes)
+    """The spec of a registered architecture for ``num_classes`` outputs (an unknown
+    name: one line listing the registered ones)."""
+    return ARCHITECTURES[arch](num_classes)
