@@ -63,9 +63,9 @@ from .kernels import scan
 from .models import ANN, SNN, get_spec
 from .models.ann import BasicBlock, make_layer
 from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
-from .outputs import Outputs, guarded
-from .report import Reporter, write_json
-from .train import make_optimizer
+from .outputs import Outputs, guarded, write_json
+from .report import Reporter
+from .training import make_optimizer
 
 WORKLOADS = ("ann_train", "snn_train", "snn_infer", "pgd")
 IMPLS = ("snnadv", "snntorch")

@@ -46,7 +46,7 @@ from .errors import CheckpointError
 from .models import ANN, SNN, ArchSpec
 from .models.spec import _KIND
 from .neurons import SURROGATES, make_surrogate, surrogate_from_dict
-from .report import atomic_target
+from .outputs import atomic_target
 
 FORMAT = "snnadv-checkpoint"
 FORMAT_VERSION = 1

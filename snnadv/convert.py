@@ -31,8 +31,8 @@ from .errors import SnnadvError
 from .evaluate import accuracy
 from .models import SNN, ArchSpec
 from .models.spec import Block
-from .outputs import Outputs, checkpoint_paths, guarded
-from .report import Reporter, write_json
+from .outputs import Outputs, checkpoint_paths, guarded, write_json
+from .report import Reporter
 
 
 class _Stop(Exception):

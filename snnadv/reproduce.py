@@ -44,8 +44,8 @@ from typing import Callable
 
 from .config import keyed, read_config, resolve, setting
 from .errors import CheckpointError, SnnadvError
-from .outputs import Outputs, remove_orphans
-from .report import Reporter, write_json
+from .outputs import Outputs, remove_orphans, write_json
+from .report import Reporter
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..encoding import check_bits
 from ..errors import SnnadvError
-from ..report import atomic_target, atomic_write_text, write_json
+from ..outputs import atomic_target, atomic_write_text, write_json
 
 #: the analyses, in the paper's order (the ``snnadv analyze`` subcommands)
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")

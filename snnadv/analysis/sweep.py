@@ -50,7 +50,8 @@ from ..data import load_split, to_float
 from ..errors import CheckpointError, SnnadvError
 from ..evaluate import accuracy_on
 from ..gradients import make_gradient
-from ..report import Reporter, write_json
+from ..outputs import write_json
+from ..report import Reporter
 from .common import (VOLATILE, abs_path, bits_label, bits_list, choice_list, int_list, leak_list, recorded_settings,
                      run_dir, signature, table, versions, write_outputs)
 
