@@ -57,7 +57,7 @@ from snntorch import spikegen, surrogate
 from torch import nn
 
 from .checkpoint import load_weights
-from .config import parse_precision, resolve, resolve_device
+from .config import parse_list, parse_precision, resolve, resolve_device
 from .errors import SnnadvError
 from .kernels import scan
 from .models import ANN, SNN, get_spec
@@ -527,10 +527,7 @@ def _per_workload(value, name: str, what: str) -> dict:
         out = dict(value)
     else:
         out = {}
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
+        for part in parse_list(str(value)):
             key, sep, v = part.partition("=")
             try:
                 if sep:
@@ -550,7 +547,7 @@ def _per_workload(value, name: str, what: str) -> dict:
 def _only(value) -> list[str]:
     if value is None:
         return list(WORKLOADS)
-    names = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+    names = parse_list(value if isinstance(value, (list, tuple)) else str(value))
     for n in names:
         if n not in WORKLOADS:
             raise SnnadvError(f"--only: unknown workload '{n}' (choose {', '.join(WORKLOADS)})")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import keyed, read_config, resolve, setting
+from .config import keyed, parse_list, read_config, resolve, setting
 from .errors import CheckpointError, SnnadvError
 from .outputs import Outputs, remove_orphans, write_json
 from .report import Reporter
@@ -208,7 +208,7 @@ def _optional_stages(ctx: Context) -> list[Stage]:
     """Analyses (settings from the config's [analyze]) and the adaptive evaluation."""
     rcfg = ctx.config.get("reproduce", {})
     extra: list[Stage] = []
-    for name in rcfg.get("analyses", []):
+    for name in parse_list(rcfg.get("analyses", [])):
         if name not in ANALYSES:
             raise SnnadvError(f"unknown analysis '{name}' in [reproduce] (choose {', '.join(ANALYSES)})")
         needs, inputs = ANALYSES[name]

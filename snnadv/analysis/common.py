@@ -22,6 +22,7 @@ import io
 import json
 from pathlib import Path
 
+from ..config import parse_list
 from ..encoding import check_bits
 from ..errors import SnnadvError
 from ..outputs import atomic_target, atomic_write_text, write_json
@@ -38,15 +39,7 @@ def _items(value, name: str) -> list:
     """A list from a TOML list, a number, or a comma-separated string; never empty."""
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-        if any(v == "" for v in items) and len(items) > 1:
-            raise SnnadvError(f"--{name} has an empty item in '{value}'")
-        items = [v for v in items if v != ""]
-    else:
-        items = [value]
+    items = parse_list(value, name)
     if not items:
         raise SnnadvError(f"--{name} is empty: give at least one value")
     return items
