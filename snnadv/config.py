@@ -18,6 +18,8 @@ so library code receives only values in their domains.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 import re
 import tomllib
@@ -119,6 +121,29 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
 def keyed(settings: dict) -> dict:
     """``settings`` without the :data:`LATE_DEFAULTS` that hold their default value."""
     return {k: v for k, v in settings.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
+
+
+#: settings that never change a result (where it goes, how much is shown, whether an old
+#: one is replaced, which device: the same run whether asked for as auto, cpu or cuda,
+#: whether missing data may be fetched, whether a saved result is recomputed): left out
+#: of every result's key (reproduce's stages, the sweeps' settings)
+VOLATILE = frozenset({"quiet", "out", "config", "resume", "stage", "overwrite", "device", "download", "force"})
+
+
+def result_settings(settings: dict, ignore=(), *, volatile=VOLATILE) -> dict:
+    """The settings that define a result: ``settings`` without :data:`VOLATILE`, without
+    ``ignore`` and without the :data:`LATE_DEFAULTS` at their default value."""
+    return {k: v for k, v in keyed(settings).items() if k not in volatile and k not in ignore}
+
+
+def settings_key(settings: dict, upstream=(), *, volatile=VOLATILE) -> str:
+    """The key of a result: 16 hex digits of the sha256 of its :func:`result_settings` and of
+    ``upstream`` (the keys of the results it was computed from, or the sha256 of its input
+    files).  A saved result is re-used only under the same key.  ``volatile`` is for the
+    keys of earlier versions only (snnadv.reproduce keeps those valid)."""
+    blob = json.dumps(result_settings(settings, volatile=volatile), sort_keys=True, default=str)
+    blob += "|" + "|".join(upstream)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _all_keys() -> set:

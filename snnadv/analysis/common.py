@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
-import json
 from pathlib import Path
 
-from ..config import parse_list
+from ..config import VOLATILE, parse_list
 from ..encoding import check_bits
 from ..errors import SnnadvError
 from ..outputs import atomic_target, atomic_write_text, write_json
 
 #: the analyses, in the paper's order (the ``snnadv analyze`` subcommands)
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")
-
-#: settings that never change a result (left out of signatures and reports)
-VOLATILE = ("out", "quiet", "config", "stage", "resume", "overwrite", "device", "download", "force")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -184,12 +179,6 @@ def recorded_settings(cfg: dict, keys: tuple[str, ...] | None = None) -> dict:
     if cfg.get("config"):
         out["config"] = cfg["config"]
     return out
-
-
-def signature(*parts) -> str:
-    """sha256 of the JSON of ``parts`` (sorted keys): what a saved setting is checked against."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def abs_path(path) -> str | None:
