@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
 from .options import common_options, flags
 
 
@@ -66,7 +65,7 @@ class _InOrder(click.Group):
         return list(self.commands)
 
 
-@cli.group("analyze", cls=_InOrder, short_help="The paper's analyses (Fig. 2-6, Eq. 7) with plots, JSON and CSV.")
+@click.group("analyze", cls=_InOrder, short_help="The paper's analyses (Fig. 2-6, Eq. 7) with plots, JSON and CSV.")
 def analyze():
     """The paper's analyses (Sec. 4.1), each with a figure, JSON and CSV.
 
@@ -141,7 +140,7 @@ def perturbation(**kw):
     _run("perturbation", kw)
 
 
-@cli.command("report")
+@click.command("report")
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", type=click.Path(), help="The report file (default RUN_DIR/report.md).")
 @click.option("--title", help="Report title (default: the run directory's name).")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
 
 
-@cli.command("doctor")
+@click.command("doctor")
 @click.option("--device", default="auto", help="auto | cpu | cuda (default auto).")
 @click.option("--full", is_flag=True, help="Also run the CUDA checks (pytest) and bench --preset paper (<= 8 min).")
 @click.option("--memory", is_flag=True, help="Also print the memory plan of the paper configs.")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
 from .options import common_options, flags
 
 
-@cli.command("evaluate")
+@click.command("evaluate")
 @common_options
 @click.option("--target-ckpt", type=click.Path(), help="Checkpoint of the model to evaluate (ANN, SNN-conv or SNN-BP).")
 @click.option("--suite", type=click.Choice(["paper", "adaptive", "full"]),

@@ -25,7 +25,12 @@ import click
 from snnadv import __version__
 from snnadv.errors import Interrupted, SnnadvError, SnnadvWarning
 
+from .analyze_cmd import analyze, report
+from .doctor_cmd import doctor
+from .evaluate_cmd import evaluate
 from .options import common_options, flags
+from .reproduce_cmd import reproduce
+from .robustness_cmds import attack, table
 
 
 #: subcommands in pipeline order (``snnadv --help`` lists them so)
@@ -118,11 +123,8 @@ def finetune(**kw):
     run(resolve("finetune", kw.get("config"), flags(kw)))
 
 
-from . import robustness_cmds  # noqa: E402,F401  (registers attack, table)
-from . import reproduce_cmd  # noqa: E402,F401
-from . import analyze_cmd  # noqa: E402,F401
-from . import evaluate_cmd  # noqa: E402,F401
-from . import doctor_cmd  # noqa: E402,F401
+for command in (attack, table, reproduce, analyze, report, evaluate, doctor):  # defined in their own modules
+    cli.add_command(command)
 
 
 @cli.command("bench")

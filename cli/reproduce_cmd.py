@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
 from .options import common_options, flags
 
 #: the shared options reproduce passes to every stage (they override the config)
@@ -12,7 +11,7 @@ STAGE_OPTIONS = ("--data-dir", "--dataset", "--download", "--device", "--precisi
                  "--train-subset", "--test-subset", "--seed", "--quiet")
 
 
-@cli.command("reproduce")
+@click.command("reproduce")
 @click.option("--config", type=click.Path(), required=True, help="Experiment config, e.g. configs/quick.toml.")
 @click.option("--run-dir", type=click.Path(), help="Where every output goes (default: [reproduce] run_dir or runs/<config name>).")
 @click.option("--only", multiple=True, help="Run only this stage (repeatable); its inputs must be done.")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
 from .options import common_options, flags
 
 KINDS = click.Choice(["ann", "snn-conv", "snn-bp"])
 
 
-@cli.command("attack")
+@click.command("attack")
 @common_options
 @click.option("--source", type=KINDS, help="Kind of the source model (the one attacked; default ann).")
 @click.option("--target", type=KINDS, help="Kind of the target model (default: the source; whitebox).")
@@ -35,7 +34,7 @@ def attack(**kw):
     run_attack(resolve("attack", kw.get("config"), flags(kw)))
 
 
-@cli.command("table")
+@click.command("table")
 @common_options
 @click.option("--conv-timesteps", type=int, help="T for the SNN-conv models (default: their checkpoint's).")
 @click.option("--bp-timesteps", type=int, help="T for the SNN-BP models (default: their checkpoint's).")

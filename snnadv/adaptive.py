@@ -86,7 +86,7 @@ import torch
 
 from .attacks import FGSM, PGD, check_eps, parse_eps
 from .checkpoint import build_model, file_hash, load_checkpoint, versions
-from .config import resolve_device
+from .config import parse_list, resolve_device
 from .data import load_split, to_float
 from .errors import SnnadvError
 from .evaluate import _draw_seeds, is_snn, summarize
@@ -106,12 +106,7 @@ DEFAULT_SWEEP = "0,2/255,4/255,8/255,16/255,32/255,64/255"
 # --------------------------------------------------------------------------- settings
 def parse_eps_list(value) -> list[float]:
     """'2/255,8/255', a list of such, or one number -> a list of eps in [0, 1]."""
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    else:
-        items = [value]
+    items = parse_list(value)
     out = [parse_eps(v) for v in items]
     if not out:
         raise SnnadvError("eps needs at least one value (e.g. 8/255 or 2/255,8/255)")
@@ -191,7 +186,7 @@ def resolve_paths(model, paths, slope: float | None = None) -> list[str]:
     ``all`` leaves out ``bptt-<s>`` when s (with ``slope``) is exactly the model's
     training surrogate: that path then has alg1's direction (a duplicate).
     """
-    items = paths if isinstance(paths, (list, tuple)) else [p.strip() for p in str(paths).split(",") if p.strip()]
+    items = parse_list(paths if isinstance(paths, (list, tuple)) else str(paths))
     if not items:
         raise SnnadvError("--paths needs at least one gradient path (or 'all')")
     if not is_snn(model):

@@ -57,16 +57,16 @@ from snntorch import spikegen, surrogate
 from torch import nn
 
 from .checkpoint import load_weights
-from .config import parse_precision, resolve, resolve_device
+from .config import parse_list, parse_precision, resolve, resolve_device
 from .errors import SnnadvError
 from .kernels import scan
 from .models import ANN, SNN, get_spec, record_spikes
 from .models.ann import BasicBlock, make_layer
 from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
 from .neurons import TimeDropout, reset_state
-from .outputs import Outputs, guarded
-from .report import Reporter, write_json
-from .train import make_optimizer
+from .outputs import Outputs, guarded, write_json
+from .report import Reporter
+from .training import make_optimizer
 
 WORKLOADS = ("ann_train", "snn_train", "snn_infer", "pgd")
 IMPLS = ("snnadv", "snntorch")
@@ -474,10 +474,7 @@ def _per_workload(value, name: str, what: str) -> dict:
         out = dict(value)
     else:
         out = {}
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
+        for part in parse_list(str(value)):
             key, sep, v = part.partition("=")
             try:
                 if sep:
@@ -497,7 +494,7 @@ def _per_workload(value, name: str, what: str) -> dict:
 def _only(value) -> list[str]:
     if value is None:
         return list(WORKLOADS)
-    names = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+    names = parse_list(value if isinstance(value, (list, tuple)) else str(value))
     for n in names:
         if n not in WORKLOADS:
             raise SnnadvError(f"--only: unknown workload '{n}' (choose {', '.join(WORKLOADS)})")

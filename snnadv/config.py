@@ -18,6 +18,8 @@ so library code receives only values in their domains.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 import re
 import tomllib
@@ -124,6 +126,29 @@ def keyed(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
 
 
+#: settings that never change a result (where it goes, how much is shown, whether an old
+#: one is replaced, which device: the same run whether asked for as auto, cpu or cuda,
+#: whether missing data may be fetched, whether a saved result is recomputed): left out
+#: of every result's key (reproduce's stages, the sweeps' settings)
+VOLATILE = frozenset({"quiet", "out", "config", "resume", "stage", "overwrite", "device", "download", "force"})
+
+
+def result_settings(settings: dict, ignore=(), *, volatile=VOLATILE) -> dict:
+    """The settings that define a result: ``settings`` without :data:`VOLATILE`, without
+    ``ignore`` and without the :data:`LATE_DEFAULTS` at their default value."""
+    return {k: v for k, v in keyed(settings).items() if k not in volatile and k not in ignore}
+
+
+def settings_key(settings: dict, upstream=(), *, volatile=VOLATILE) -> str:
+    """The key of a result: 16 hex digits of the sha256 of its :func:`result_settings` and of
+    ``upstream`` (the keys of the results it was computed from, or the sha256 of its input
+    files).  A saved result is re-used only under the same key.  ``volatile`` is for the
+    keys of earlier versions only (snnadv.reproduce keeps those valid)."""
+    blob = json.dumps(result_settings(settings, volatile=volatile), sort_keys=True, default=str)
+    blob += "|" + "|".join(upstream)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _all_keys() -> set:
     return set(COMMON).union(*(set(v) for v in STAGES.values()))
 
@@ -201,6 +226,23 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     return out
 
 
+def parse_list(value, name: str | None = None) -> list:
+    """The one list parser: a TOML list (or tuple) as it is, a comma-separated string
+    (``"a, b,c"``) as its stripped items, anything else as a one-item list.  Empty items
+    of a string are dropped; with ``name``, an empty item among several (``"4,,2"``) is
+    a one-line error naming ``--name``.  Items are not converted: each setting checks
+    its own (:class:`Setting`); the command line's list flags reach it through
+    :func:`resolve`."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+        if name is not None and len(items) > 1 and "" in items:
+            raise SnnadvError(f"--{name} has an empty item in '{value}'")
+        return [v for v in items if v]
+    return [value]
+
+
 #: how synaptic layers run: fp32, or bf16 autocast (membranes stay fp32)
 PRECISIONS = ("fp32", "bf16")
 
@@ -209,13 +251,8 @@ def parse_precision(value, several: bool = False) -> list[str]:
     """``fp32`` | ``bf16`` as a one-item list; with ``several`` (the bench: a row each) also
     ``"fp32,bf16"`` or a list.  Names in order, without repeats; anything else is a
     one-line error."""
-    if several and isinstance(value, (list, tuple)):
-        names = [str(v).strip() for v in value]
-    elif several and isinstance(value, str):
-        names = [v.strip() for v in value.split(",")]
-    else:
-        names = [value]
-    for n in names:
+    names = [str(v).strip() for v in parse_list(value, "precision")] if several else [value]
+    for n in names or [""]:  # (no name at all is an unknown one)
         if n not in PRECISIONS:
             choices = "fp32, bf16 or fp32,bf16" if several else "fp32 or bf16"
             raise SnnadvError(f"unknown precision '{n}' (choose {choices})")
@@ -342,7 +379,7 @@ class Setting:
         item = {"ints": "int", "floats": "float", "fractions": "fraction"}[self.kind]
         parsed = value
         if isinstance(value, str):
-            parts = [v.strip() for v in value.split(",") if v.strip()]
+            parts = parse_list(value)
             try:
                 parsed = [int(v) if item == "int" else float(v) if item == "float" else v for v in parts]
             except ValueError:

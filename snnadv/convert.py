@@ -17,8 +17,8 @@ from .data import batches, load_dataset
 from .errors import SnnadvError
 from .evaluate import accuracy
 from .models import ArchSpec
-from .outputs import Outputs, checkpoint_paths, guarded
-from .report import Reporter, write_json
+from .outputs import Outputs, checkpoint_paths, guarded, write_json
+from .report import Reporter
 
 
 @guarded

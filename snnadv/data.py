@@ -30,7 +30,6 @@ import hashlib
 import json
 import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 from snnadv.errors import DataError, SnnadvWarning
+from snnadv.outputs import atomic_target
 
 __all__ = [
     "DATASETS",
@@ -385,26 +385,15 @@ def _write_cache(
     path: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str]
 ) -> None:
     """Save a decoded split atomically; failures are ignored (the cache is optional)."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_target(path) as tmp, open(tmp, "wb") as f:
             torch.save(
                 {"version": _CACHE_VERSION, "images": images, "labels": labels,
                  "classes": list(classes)},
                 f,
             )
-        os.replace(tmp, path)
-        tmp = None
     except Exception:
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------- batches

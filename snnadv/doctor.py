@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .config import resolve_device
 from .kernels import scan
-from .report import Reporter, write_json
+from .outputs import write_json
+from .report import Reporter
 
 #: the whole ``--full`` run (CUDA checks + paper bench) must end within this
 FULL_SECONDS = 8 * 60

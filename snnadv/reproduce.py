@@ -35,17 +35,16 @@ N`` stops after N stages ran (a long paper-scale run can proceed in pieces).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import keyed, read_config, resolve, setting
+from .config import VOLATILE, parse_list, read_config, resolve, setting, settings_key
 from .errors import CheckpointError, SnnadvError
-from .outputs import Outputs, remove_orphans
-from .report import Reporter, write_json
+from .outputs import Outputs, remove_orphans, write_json
+from .report import Reporter
 
 
 @dataclass
@@ -73,23 +72,18 @@ class Context:
         return self.records[stage]["outputs"][key]
 
 
-#: settings that never change a stage's result (``device``: the same run on the same
-#: hardware whether asked for as auto, cpu or cuda; the resolved hardware is recorded)
-VOLATILE = {"quiet", "out", "config", "resume", "stage", "overwrite", "device"}
-
-
-def _key(settings: dict, upstream: list[str], volatile: set = VOLATILE) -> str:
-    blob = json.dumps({k: v for k, v in sorted(keyed(settings).items()) if k not in volatile}, sort_keys=True,
-                      default=str) + "|" + "|".join(upstream)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+#: what earlier versions left out of a stage's key: ``download`` and ``force`` were in
+#: it, and before that the ``--device`` string (the resolved hardware is recorded beside)
+LEGACY_VOLATILE = VOLATILE - {"download", "force"}
 
 
 def _keys(settings: dict, upstream: list[str]) -> list[str]:
-    """The stage's key, then the keys earlier versions gave it (with the device string in
-    it), so that records of those runs stay valid."""
-    legacy = [_key({**settings, "device": d}, upstream, VOLATILE - {"device"})
-              for d in dict.fromkeys([settings.get("device", "auto"), "auto", "cpu", "cuda"]) if d is not None]
-    return [_key(settings, upstream)] + legacy
+    """The stage's key (:func:`snnadv.config.settings_key`), then the keys earlier versions
+    gave it, so that records of those runs stay valid."""
+    legacy = [settings_key(settings, upstream, volatile=LEGACY_VOLATILE)]
+    legacy += [settings_key({**settings, "device": d}, upstream, volatile=LEGACY_VOLATILE - {"device"})
+               for d in dict.fromkeys([settings.get("device", "auto"), "auto", "cpu", "cuda"]) if d is not None]
+    return list(dict.fromkeys([settings_key(settings, upstream), *legacy]))
 
 
 def _hashes(outputs: dict, known: dict | None = None) -> dict:
@@ -208,7 +202,7 @@ def _optional_stages(ctx: Context) -> list[Stage]:
     """Analyses (settings from the config's [analyze]) and the adaptive evaluation."""
     rcfg = ctx.config.get("reproduce", {})
     extra: list[Stage] = []
-    for name in rcfg.get("analyses", []):
+    for name in parse_list(rcfg.get("analyses", [])):
         if name not in ANALYSES:
             raise SnnadvError(f"unknown analysis '{name}' in [reproduce] (choose {', '.join(ANALYSES)})")
         needs, inputs = ANALYSES[name]
@@ -301,7 +295,7 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
             reporter.print(f"stopping after {ran} stage(s) (--max-stages); run again to continue")
             stopped = True
             continue
-        _prepare_resume(s, cfg, keys[0], run_dir)
+        _prepare_resume(s, cfg, keys, run_dir)
         elapsed = time.perf_counter() - t_start
         eta = f", ~{elapsed / ran * (len(plan) - i + 1) / 60:.1f} min left at this pace" if ran else ""
         reporter.print(f"[bold cyan][{i}/{len(plan)}] {s.name}[/] ({s.kind}){eta}")
@@ -324,18 +318,19 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
     return summary
 
 
-def _prepare_resume(stage: Stage, cfg: dict, key: str, run_dir: Path) -> None:
-    """Resume an interrupted training stage if it was started with the same key and its
-    checkpoint is readable; otherwise the stage starts afresh and its new output replaces
-    the old one once complete (a training run: after its first epoch)."""
+def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> None:
+    """Resume an interrupted training stage if it was started with the same key (``keys``:
+    the current one, then those of earlier versions) and its checkpoint is readable;
+    otherwise the stage starts afresh and its new output replaces the old one once
+    complete (a training run: after its first epoch)."""
     marker = run_dir / "stages" / f"{stage.name}.started"
     out = Path(cfg["out"]) if cfg.get("out") else None
-    same = marker.exists() and marker.read_text().strip() == key
+    same = marker.exists() and marker.read_text().strip() in keys
     if stage.kind in ("train-ann", "finetune") and out is not None and out.exists() and same and _resumable(out):
         cfg["resume"] = True
     else:
         cfg["overwrite"] = True
-    marker.write_text(key)
+    marker.write_text(keys[0])
 
 
 def _resumable(path: Path) -> bool:

@@ -31,8 +31,8 @@ from .data import load_split, to_float
 from .errors import SnnadvError
 from .evaluate import accuracy_on, decode_correct, is_snn
 from .gradients import make_gradient
-from .outputs import Outputs, guarded
-from .report import Reporter, atomic_write_text, write_json
+from .outputs import Outputs, atomic_write_text, guarded, write_json
+from .report import Reporter
 from .stats import compare
 
 KINDS = ("ann", "snn-conv", "snn-bp")

@@ -18,7 +18,8 @@ from snnadv.errors import CheckpointError, SnnadvError, TrainingError
 from snnadv.evaluate import accuracy
 from snnadv.models import ANN, ArchSpec, get_spec
 from snnadv.models.spec import tiny
-from snnadv.train import lsuv_init, train_ann
+from snnadv.train import train_ann
+from snnadv.training import lsuv_init
 
 #: a tiny, fast training run (seconds on a CPU)
 TINY = dict(arch="tiny", epochs=1, lr=0.05, batch_size=64, train_subset=640, test_subset=100, seed=0,
@@ -316,11 +317,11 @@ def test_deferred_loss_reads_change_nothing_and_still_stop_on_nan(shared_data, t
     """On a GPU the loss is read back every few batches (no host sync per step): the
     history is the same as reading every batch, and a NaN still stops training before
     the epoch's checkpoint, naming the batches it happened in."""
-    import snnadv.train
+    import snnadv.training
 
     every = tmp_path / "every.pt"
     train_ann(_tiny_cfg(shared_data, every))
-    monkeypatch.setattr(snnadv.train, "SYNC_EVERY", {"cpu": 3, "cuda": 3})
+    monkeypatch.setattr(snnadv.training, "SYNC_EVERY", {"cpu": 3, "cuda": 3})
     deferred = tmp_path / "deferred.pt"
     train_ann(_tiny_cfg(shared_data, deferred))
     h1 = json.loads(every.with_suffix(".json").read_text())["metrics"]["history"]

@@ -7,6 +7,7 @@ files after kill -9, truncated stage outputs, and progress lines in logs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -215,7 +216,7 @@ def test_two_reproduce_runs_in_one_directory(tmp_path, shared_data):
 def test_orphan_temp_files_are_removed_on_the_next_write(shared_data, tmp_path):
     out = tmp_path / "ann.pt"
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom snnadv.report import atomic_target\n"
+        "import sys, time\nfrom snnadv.outputs import atomic_target\n"
         f"with atomic_target({str(out)!r}) as tmp:\n    open(tmp, 'w').write('half')\n    print(tmp, flush=True)\n"
         "    time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     orphan = Path(writer.stdout.readline().strip())
@@ -281,12 +282,40 @@ def test_truncated_stage_output_reruns_it_and_downstream(tmp_path, shared_data, 
 
 
 def test_legacy_keys_with_the_device_stay_valid():
-    from snnadv.reproduce import _key, _keys
+    from snnadv.config import settings_key
+    from snnadv.reproduce import _keys
 
     settings = {"device": "auto", "seed": 0, "lr": 0.1}
-    old = _key(settings, ["u"], {"quiet", "out", "config", "resume", "stage"})  # how keys were made before
+    old = settings_key(settings, ["u"], volatile={"quiet", "out", "config", "resume", "stage"})  # how keys were made before
     assert old in _keys({**settings, "device": "cpu"}, ["u"])
     assert _keys({**settings, "device": "cpu"}, ["u"])[0] == _keys(settings, ["u"])[0]
+
+
+def test_one_key_scheme_leaves_out_the_volatile_settings_and_keeps_older_keys():
+    """reproduce and the sweeps key results with config.settings_key: download and force
+    change no result, nor the key; a stage's key from before they were left out stays valid."""
+    from snnadv.config import resolve, settings_key
+    from snnadv.reproduce import LEGACY_VOLATILE, _keys
+
+    cfg = resolve("analyze", flags={"seed": 1})
+    assert settings_key({**cfg, "download": True, "force": True}, ["u"]) == settings_key(cfg, ["u"])
+    assert settings_key(cfg, ["u"]) != settings_key({**cfg, "seed": 2}, ["u"]) != settings_key(cfg, ["v"])
+    keys = _keys(cfg, ["u"])
+    assert keys[0] == settings_key(cfg, ["u"]) and settings_key(cfg, ["u"], volatile=LEGACY_VOLATILE) in keys
+
+
+def test_sweep_results_saved_with_the_old_signature_stay_valid(tmp_path):
+    from snnadv.analysis.sweep import _saved, _signature
+
+    settings = {"model": "snn-conv", "bits": 4, "timesteps": 8, "leak": 1.0, "eval": {"seed": 0}, "finetune": None}
+    inputs = {"checkpoint": "a" * 64, "source": "b" * 64}
+    old = hashlib.sha256(json.dumps([settings, inputs], sort_keys=True, default=str).encode()).hexdigest()  # before
+    rec = tmp_path / "setting.json"
+    for sig in (old, _signature(settings, inputs)):
+        rec.write_text(json.dumps({"complete": True, "signature": sig}))
+        assert _saved(rec, settings, inputs) is not None
+        assert _saved(rec, {**settings, "timesteps": 16}, inputs) is None
+        assert _saved(rec, settings, {**inputs, "source": "c" * 64}) is None
 
 
 # --------------------------------------------------------------------------- item 14: progress in logs

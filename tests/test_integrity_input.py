@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import snnadv.train
+import snnadv.training
 from snnadv.checkpoint import file_hash, load_checkpoint, save_checkpoint
 from snnadv.cli.main import main
 from snnadv.config import resolve
@@ -359,7 +360,7 @@ def test_non_finite_checkpoints_are_never_saved_and_the_old_file_stays(ckpts, tm
 
 def test_training_that_diverges_writes_nothing(capsys, shared_data, work, monkeypatch):
     """One batch whose step leaves NaN weights: exit 2, no checkpoint, no JSON."""
-    real = snnadv.train.make_optimizer
+    real = snnadv.training.make_optimizer
 
     def diverging(cls, params, **kw):
         params = list(params)
@@ -367,7 +368,7 @@ def test_training_that_diverges_writes_nothing(capsys, shared_data, work, monkey
         opt.register_step_post_hook(lambda *_: params[0].data.fill_(float("nan")))
         return opt
 
-    monkeypatch.setattr(snnadv.train, "make_optimizer", diverging)
+    monkeypatch.setattr(snnadv.training, "make_optimizer", diverging)
     rc, _, err = _run(capsys, "train-ann", "--arch", "tiny", "--epochs", "1", "--train-subset", "64",
                       "--test-subset", "20", "--data-dir", shared_data, "--device", "cpu", "--quiet",
                       "--out", work / "ann.pt")

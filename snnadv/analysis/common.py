@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
-import json
 from pathlib import Path
 
+from ..config import VOLATILE, parse_list
 from ..encoding import check_bits
 from ..errors import SnnadvError
-from ..report import atomic_target, atomic_write_text, write_json
+from ..outputs import atomic_target, atomic_write_text, write_json
 
 #: the analyses, in the paper's order (the ``snnadv analyze`` subcommands)
 ANALYSES = ("timesteps", "leak", "eq7", "encoder", "perturbation")
-
-#: settings that never change a result (left out of signatures and reports)
-VOLATILE = ("out", "quiet", "config", "stage", "resume", "overwrite", "device", "download", "force")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -38,15 +34,7 @@ def _items(value, name: str) -> list:
     """A list from a TOML list, a number, or a comma-separated string; never empty."""
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-        if any(v == "" for v in items) and len(items) > 1:
-            raise SnnadvError(f"--{name} has an empty item in '{value}'")
-        items = [v for v in items if v != ""]
-    else:
-        items = [value]
+    items = parse_list(value, name)
     if not items:
         raise SnnadvError(f"--{name} is empty: give at least one value")
     return items
@@ -191,12 +179,6 @@ def recorded_settings(cfg: dict, keys: tuple[str, ...] | None = None) -> dict:
     if cfg.get("config"):
         out["config"] = cfg["config"]
     return out
-
-
-def signature(*parts) -> str:
-    """sha256 of the JSON of ``parts`` (sorted keys): what a saved setting is checked against."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def abs_path(path) -> str | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import SnnadvError
 from ..report import Reporter
-from ..report import atomic_write_text
+from ..outputs import atomic_write_text
 from .common import ANALYSES
 
 INTERNAL_DIRS = ("settings", "parents")

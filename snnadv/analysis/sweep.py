@@ -24,8 +24,9 @@ same b (it is not retrained for b).
 Resuming.  Each setting's result is written as soon as it is complete, to
 ``<out>/settings/<key>.json`` (with the fine-tuned ``<key>.pt`` beside it).  A
 result records the settings that define it and the sha256 of every input
-checkpoint, hashed together into a ``signature``; a re-run skips every setting
-whose result exists with the same signature and computes the others, so Ctrl-C
+checkpoint, hashed together into a ``signature`` (:func:`snnadv.config.settings_key`);
+a re-run skips every setting whose result exists with the same signature (or the one
+earlier versions gave it) and computes the others, so Ctrl-C
 loses at most the setting in progress (and fine-tuning itself resumes from its
 last completed epoch: a ``<key>.pt`` of the same fine-tuning settings and parent is
 continued with ``finetune --resume``, or re-used without training when finished).
@@ -34,6 +35,7 @@ continued with ``finetune --resume``, or re-used without training when finished)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -45,14 +47,15 @@ from .. import robustness as rob
 from .. import train as train_mod
 from ..attacks import check_eps, make_attack, parse_eps
 from ..checkpoint import build_model, file_hash, load_checkpoint, save_checkpoint
-from ..config import FINETUNE_STEPS, keyed, resolve, resolve_device
+from ..config import FINETUNE_STEPS, keyed, resolve, resolve_device, result_settings, settings_key
 from ..data import load_split, to_float
 from ..errors import CheckpointError, SnnadvError
 from ..evaluate import accuracy_on
 from ..gradients import make_gradient
-from ..report import Reporter, write_json
-from .common import (VOLATILE, abs_path, bits_label, bits_list, choice_list, int_list, leak_list, recorded_settings,
-                     run_dir, signature, table, versions, write_outputs)
+from ..outputs import write_json
+from ..report import Reporter
+from .common import (abs_path, bits_label, bits_list, choice_list, int_list, leak_list, recorded_settings, run_dir,
+                     table, versions, write_outputs)
 
 MODELS = ("snn-bp", "snn-conv")
 #: the settings recorded in the result
@@ -61,8 +64,9 @@ KEYS = ("checkpoint", "source_ckpt", "ann_ckpt", "model", "timesteps", "bits", "
         "dataset", "seed", "batch_size", "train_subset", "test_subset")
 ATTACKS = ("fgsm", "pgd")
 LABEL = {"snn-bp": "SNN-BP", "snn-conv": "SNN-conv", "ann": "ANN"}
-#: fine-tuning settings that do not change the fine-tuned weights (left out of the match)
-FT_IGNORED = tuple(VOLATILE) + ("checkpoint", "test_subset")
+#: fine-tuning settings that do not change the fine-tuned weights (left out of the match,
+#: besides the volatile ones of snnadv.config)
+FT_IGNORED = ("checkpoint", "test_subset")
 
 
 @dataclass(frozen=True)
@@ -205,8 +209,8 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
             key = f"ann_b{bits_label(b)}"
             settings = {"model": "ann", "bits": b, "eval": eval_id}
             inputs = {"ann": ann_info["sha256"], "source": src_sha}
-            sig = signature(settings, inputs)
-            rec = None if force else _saved(sdir / f"{key}.json", sig)
+            sig = _signature(settings, inputs)
+            rec = None if force else _saved(sdir / f"{key}.json", settings, inputs)
             if rec is None:
                 t0 = time.perf_counter()
                 ann = build_model(ann_ckpt, device)
@@ -237,8 +241,8 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
         settings = {"model": s.model, "bits": s.bits, "timesteps": s.timesteps, "leak": s.leak, "eval": eval_id,
                     "finetune": _ft_identity(ft_cfg) if ft_cfg else None}
         inputs = {"checkpoint": conv_sha, "source": src_sha}
-        sig = signature(settings, inputs)
-        rec = None if force else _saved(sdir / f"{s.key}.json", sig)
+        sig = _signature(settings, inputs)
+        rec = None if force else _saved(sdir / f"{s.key}.json", settings, inputs)
         if rec is not None:
             reporter.print(f"[{i}/{len(grid)}] {s.key}: done before (reused)")
             rows.append(_row(rec, s.model, s.bits, s.timesteps, s.leak, "reused"))
@@ -328,13 +332,24 @@ def _ann_reference(cfg: dict, conv: dict) -> tuple[Path | None, str | None]:
     return Path(path), None
 
 
-def _saved(path: Path, sig: str) -> dict | None:
-    """A completed setting's saved result, if it matches ``sig``."""
+def _signature(settings: dict, inputs: dict) -> str:
+    """A setting's key: its settings and the sha256 of the checkpoints it reads."""
+    return settings_key(settings, [f"{k}:{v}" for k, v in inputs.items()])
+
+
+def _legacy_signature(settings: dict, inputs: dict) -> str:
+    """How earlier versions keyed a setting (its results stay valid)."""
+    return hashlib.sha256(json.dumps([settings, inputs], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _saved(path: Path, settings: dict, inputs: dict) -> dict | None:
+    """A completed setting's saved result, if it was made with ``settings`` and ``inputs``."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if isinstance(rec, dict) and rec.get("complete") and rec.get("signature") == sig:
+    if isinstance(rec, dict) and rec.get("complete") and rec.get("signature") in (
+            _signature(settings, inputs), _legacy_signature(settings, inputs)):
         return rec
     return None
 
@@ -383,7 +398,7 @@ def _finetune_cfg(cfg: dict, conv: dict, parent: dict, s: Setting, out: Path, da
 
 
 def _ft_identity(ft_cfg: dict) -> dict:
-    return {k: v for k, v in keyed(ft_cfg).items() if k not in FT_IGNORED}
+    return result_settings(ft_cfg, FT_IGNORED)
 
 
 def _finetune_state(pt: Path, ft_cfg: dict, parent_sha: str) -> str:
