@@ -55,7 +55,7 @@ STAGES = {
         "weight_decay": 1e-4, "input_bits": None, "input_range": "unit", "resume": False,
         # a faster recipe for a CPU (configs/vgg5_cifar10_cpu.toml); these defaults are the paper's
         "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0, "label_smoothing": 0.0,
-        "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
+        "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5, "save_every": 10.0,
     },
     "convert": {
         "checkpoint": None, "timesteps": 2500, "batches": 1, "percentile": 100.0, "scale": 0.7,
@@ -65,7 +65,7 @@ STAGES = {
     "finetune": {
         "checkpoint": None, "leak": 0.99, "timesteps": None, "surrogate": "stdb", "alpha": 0.3,
         "beta": 0.01, "gamma": 0.3, "epochs": 15, "lr": 1e-4, "lr_step": 5, "lr_gamma": 0.5,
-        "weight_decay": 5e-4, "scale": None, "resume": False,
+        "weight_decay": 5e-4, "scale": None, "resume": False, "save_every": 10.0,
     },
     "attack": {
         "source": "ann", "target": None, "source_ckpt": None, "target_ckpt": None, "attack": "pgd",
@@ -118,7 +118,7 @@ FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 #: these values they are left out of the keys, so results computed before stay valid
 LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0,
                  "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
-                 "neuron": "lif"}
+                 "neuron": "lif", "save_every": 10.0}
 
 
 def keyed(settings: dict) -> dict:
@@ -130,7 +130,8 @@ def keyed(settings: dict) -> dict:
 #: one is replaced, which device: the same run whether asked for as auto, cpu or cuda,
 #: whether missing data may be fetched, whether a saved result is recomputed): left out
 #: of every result's key (reproduce's stages, the sweeps' settings)
-VOLATILE = frozenset({"quiet", "out", "config", "resume", "stage", "overwrite", "device", "download", "force"})
+VOLATILE = frozenset({"quiet", "out", "config", "resume", "stage", "overwrite", "device", "download", "force",
+                      "save_every"})
 
 
 def result_settings(settings: dict, ignore=(), *, volatile=VOLATILE) -> dict:
@@ -437,6 +438,7 @@ SCHEMA: dict = {
     "schedule": Setting("choice", choices=("step", "linear", "cosine")), "warmup": _F(0, MAX_EPOCHS),
     "label_smoothing": _F(0, 0.999), "init": Setting("choice", choices=("he", "lsuv")), "channels_last": _BOOL,
     "lr_restarts": Setting("ints", 1, MAX_EPOCHS), "lr_restart_peak": Setting("float", 0, 1, open_lo=True),
+    "save_every": _F(0, 10_000),
     # convert
     "timesteps": _T, "batches": _I(1, MAX_STEPS), "percentile": Setting("float", 0, 100, open_lo=True),
     "scale": Setting("float", 0, 1e6, open_lo=True, optional=True),

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .data import batches
+from .batching import batches
 from .encoding import encoder_generator
 from .errors import SnnadvError
 from .models import SNN, ArchSpec

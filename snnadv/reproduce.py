@@ -318,6 +318,12 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
     return summary
 
 
+def partial_path(out: Path) -> Path:
+    from .train import partial_path as where
+
+    return where(out)
+
+
 def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> None:
     """Resume an interrupted training stage if it was started with the same key (``keys``:
     the current one, then those of earlier versions) and its checkpoint is readable;
@@ -326,7 +332,8 @@ def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> 
     marker = run_dir / "stages" / f"{stage.name}.started"
     out = Path(cfg["out"]) if cfg.get("out") else None
     same = marker.exists() and marker.read_text().strip() in keys
-    if stage.kind in ("train-ann", "finetune") and out is not None and out.exists() and same and _resumable(out):
+    if stage.kind in ("train-ann", "finetune") and out is not None and same and (
+            (out.exists() and _resumable(out)) or _resumable(partial_path(out))):
         cfg["resume"] = True
     else:
         cfg["overwrite"] = True
@@ -336,6 +343,8 @@ def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> 
 def _resumable(path: Path) -> bool:
     from .checkpoint import load_checkpoint
 
+    if not path.exists():
+        return False
     try:
         return load_checkpoint(path).get("train_state") is not None
     except CheckpointError:

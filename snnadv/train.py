@@ -45,12 +45,25 @@ def _setup(cfg: dict):
     return device, train, test
 
 
+def partial_path(out: Path) -> Path:
+    """Where a training run keeps its mid-epoch state (``bp.pt`` -> ``bp.partial.pt``):
+    written every ``save_every`` minutes within an epoch, removed once the epoch's own
+    checkpoint is saved; ``--resume`` continues from it."""
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
+
+
 def _resume_state(out: Path, cfg: dict, stage: str, arch: str) -> dict | None:
     if not cfg.get("resume"):
         return None
-    if not out.exists():
+    ckpt = load_checkpoint(out, stage) if out.exists() else None
+    part = partial_path(out)
+    if part.exists():  # a mid-epoch state of the epoch after the checkpoint's (else stale: ignored)
+        within = load_checkpoint(part, stage)
+        if ckpt is None or ckpt.get("train_state") is None or \
+                int(within["train_state"]["epoch"]) >= int(ckpt["train_state"]["epoch"]):
+            ckpt = within
+    if ckpt is None:
         raise CheckpointError(f"--resume: no checkpoint at '{out}' to resume from")
-    ckpt = load_checkpoint(out, stage)
     if ckpt["spec"]["arch"] != arch or ckpt["dataset"] != cfg["dataset"]:
         raise CheckpointError(f"--resume: '{out}' holds a {ckpt['spec']['arch']} on {ckpt['dataset']}, "
                               f"not a {arch} on {cfg['dataset']}")
@@ -82,11 +95,12 @@ def check_resume_settings(out: Path, then: dict, now: dict) -> None:
                               f"give the same ones to continue it, or another --out for a new run")
 
 
-def _fit(out: Path, resume: dict | None, save, model, train, test, settings: FitSettings, reporter: Reporter,
-         **kw) -> list[dict]:
+def _fit(out: Path, resume: dict | None, save, payload, model, train, test, settings: FitSettings,
+         reporter: Reporter, **kw) -> list[dict]:
     """:func:`snnadv.training.fit` on the ``train`` and ``test`` splits: every epoch's line
     printed, its state saved with ``save(state)``; Ctrl-C turned into :class:`Interrupted`
-    saying which epoch is saved where."""
+    saying which epoch is saved where.  Within an epoch, every ``settings.save_every``
+    seconds, ``payload(state)`` goes to :func:`partial_path` (removed after the epoch)."""
     saved = [int(resume["train_state"]["epoch"]) if resume else 0]
 
     def epoch_done(row: dict, state: dict) -> None:
@@ -95,8 +109,12 @@ def _fit(out: Path, resume: dict | None, save, model, train, test, settings: Fit
                        f"{row['images_per_s']:.0f} img/s")
         save(state)
         saved[0] = state["epoch"]
+        partial_path(out).unlink(missing_ok=True)  # superseded by the epoch's checkpoint
 
-    hooks = FitHooks(progress=reporter.progress, epoch_done=epoch_done,
+    def partial(state: dict) -> None:
+        save_checkpoint(partial_path(out), payload(state))
+
+    hooks = FitHooks(progress=reporter.progress, epoch_done=epoch_done, partial=partial,
                      resumed=lambda done: reporter.print(f"resuming after epoch {done} of {settings.epochs}"))
     try:
         return fit(model, lambda gen: batches(train, settings.batch_size, shuffle=True, generator=gen,
@@ -163,7 +181,7 @@ def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     recipe = AnnRecipe.of(cfg)
     spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
     out, metrics_path = checkpoint_paths(cfg["out"], f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
-    outputs.claim([out, metrics_path], cfg, resumable=True)
+    outputs.claim([out, metrics_path, partial_path(out)], cfg, resumable=True)
     device, train, test = _setup(cfg)
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
     steps_per_epoch = math.ceil(len(train) / cfg["batch_size"])
@@ -184,14 +202,18 @@ def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     reporter.print(f"training ANN {cfg['arch']} on {cfg['dataset']} ({len(train)} train / {len(test)} test, "
                    f"{device}) for {cfg['epochs']} epochs")
 
+    def payload(state):
+        return {**base, "model": model_settings(model), "state_dict": weights(model),
+                "metrics": {"history": state["history"]}, "train_state": state}
+
     @replacing(stale=[] if resume else [metrics_path])
     def checkpoint_fn(state):
-        save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
-                              "metrics": {"history": state["history"]}, "train_state": state})
+        save_checkpoint(out, payload(state))
 
     settings = FitSettings(recipe.epochs, cfg["batch_size"], cfg["seed"], per_batch=recipe.per_batch,
-                           label_smoothing=recipe.label_smoothing)
-    history = _fit(out, resume, checkpoint_fn, model, train, test, settings, reporter, optimizer=opt, scheduler=sched)
+                           label_smoothing=recipe.label_smoothing, save_every=60.0 * cfg.get("save_every", 0.0))
+    history = _fit(out, resume, checkpoint_fn, payload, model, train, test, settings, reporter, optimizer=opt,
+                   scheduler=sched)
     return _finish(base, history, out, metrics_path, cfg, reporter)
 
 
@@ -208,7 +230,8 @@ def finetune(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | Non
     arch = parent["spec"]["arch"]
     cfg = {**cfg, "dataset": parent["dataset"], "timesteps": cfg["timesteps"] or FINETUNE_STEPS.get(arch, 100)}
     out, metrics_path = checkpoint_paths(cfg["out"], f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
-    outputs.claim([out, metrics_path], cfg, inputs={"--checkpoint": cfg["checkpoint"]}, resumable=True)
+    outputs.claim([out, metrics_path, partial_path(out)], cfg, inputs={"--checkpoint": cfg["checkpoint"]},
+                  resumable=True)
     scale = cfg["scale"] if cfg["scale"] is not None else (
         parent["model"].get("finetune_scale", 1.0) if parent["stage"] == "snn-conv" else 1.0)
     device, train, test = _setup(cfg)
@@ -242,12 +265,16 @@ def finetune(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | Non
                    f"surrogate={sur!r}, thresholds x{scale}) on {len(train)} images, {device}; "
                    f"test accuracy before: {before:.2f}%")
 
+    def payload(state):
+        return {**base, "model": model_settings(model), "state_dict": weights(model),
+                "metrics": {"history": state["history"], "test_acc_before": before}, "train_state": state}
+
     @replacing(stale=[] if resume else [metrics_path])
     def checkpoint_fn(state):
-        save_checkpoint(out, {**base, "model": model_settings(model), "state_dict": weights(model),
-                              "metrics": {"history": state["history"], "test_acc_before": before},
-                              "train_state": state})
+        save_checkpoint(out, payload(state))
 
-    settings = FitSettings(recipe.epochs, cfg["batch_size"], cfg["seed"], eval_batch_size=cfg["batch_size"])
-    history = _fit(out, resume, checkpoint_fn, model, train, test, settings, reporter, optimizer=opt, scheduler=sched)
+    settings = FitSettings(recipe.epochs, cfg["batch_size"], cfg["seed"], eval_batch_size=cfg["batch_size"],
+                           save_every=60.0 * cfg.get("save_every", 0.0))
+    history = _fit(out, resume, checkpoint_fn, payload, model, train, test, settings, reporter, optimizer=opt,
+                   scheduler=sched)
     return _finish(base, history, out, metrics_path, cfg, reporter, {"test_acc_before": before})

@@ -49,6 +49,7 @@ class FitSettings:
     eval_batch_size: int = 256
     per_batch: bool = False
     label_smoothing: float = 0.0
+    save_every: float = 0.0  # seconds between mid-epoch states (``FitHooks.partial``); 0: none
 
 
 @dataclass(frozen=True)
@@ -214,12 +215,17 @@ class FitHooks:
     entered for every epoch (:meth:`snnadv.report.Reporter.progress` is one);
     ``resumed(epoch)``: the state of ``epoch`` completed epochs was loaded;
     ``epoch_done(row, state)``: after every epoch, its history row and the state to
-    resume from (the caller saves it: the checkpoint).
+    resume from (the caller saves it: the checkpoint);
+    ``partial(state)``: within an epoch, every ``FitSettings.save_every`` seconds, the
+    state to resume from in the middle of that epoch (``state["batch"]`` batches of
+    epoch ``state["epoch"] + 1`` done); resuming from it gives the same result as an
+    uninterrupted run.
     """
 
     progress: Callable = _no_progress
     resumed: Callable[[int], None] | None = None
     epoch_done: Callable[[dict, dict], None] | None = None
+    partial: Callable[[dict], None] | None = None
 
 
 #: batches between reads of the running loss, per device type (see :func:`fit`)
@@ -246,7 +252,7 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
     s = settings
     gen = torch.Generator(device=device)
     gen.manual_seed(s.seed)
-    history, start = [], 0
+    history, start, within = [], 0, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -254,18 +260,33 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
             scheduler.milestones = Counter(scheduler.milestones)
         _set_rng_state(gen, resume["rng"])
         history, start = list(resume["history"]), int(resume["epoch"])
+        within = resume if resume.get("batch") else None  # a mid-epoch state (``hooks.partial``)
         if hooks.resumed:
             hooks.resumed(start)
     steps_per_epoch = math.ceil(train_size / s.batch_size)
     sync_every = SYNC_EVERY.get(torch.device(device).type, 20)
     for epoch in range(start, s.epochs):
         model.train()
-        t0, seen = time.perf_counter(), 0
+        t0, seen, skip, elapsed0 = time.perf_counter(), 0, 0, 0.0
         loss_dev = torch.zeros((), device=device)                     # summed on the device,
         correct_dev = torch.zeros((), dtype=torch.int64, device=device)  # read back every sync_every
         checked, loss_sum = 0, 0.0  # batches whose loss has been read back, and that sum
+        if within is not None:  # replay the epoch's draws up to the saved batch (no training)
+            gen.set_state(within["epoch_rng"])
+            skip, seen, elapsed0 = int(within["batch"]), int(within["seen"]), float(within["seconds"])
+            loss_dev += within["loss_sum"]
+            correct_dev += int(within["correct"])
+            checked, loss_sum = skip, float(within["loss_sum"])
+        epoch_rng, saved_at = gen.get_state(), time.perf_counter()
         with hooks.progress(f"epoch {epoch + 1}/{s.epochs}", steps_per_epoch) as advance:
+            if skip:
+                advance(skip, f"resumed at batch {skip}")
             for i, (x, y) in enumerate(epoch_batches(gen)):
+                if i < skip:
+                    if i + 1 == skip:  # the draws of the skipped batches are replayed: now the saved ones
+                        _set_rng_state(gen, within["rng"])
+                        within = None
+                    continue
                 out = model(x)
                 loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
@@ -285,8 +306,17 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
                                             f"checkpoint is kept")
                     advance(i + 1 - checked, f"loss {loss_sum / seen:.3f}")
                     checked = i + 1
+                    if (hooks.partial and s.save_every > 0 and i + 1 < steps_per_epoch
+                            and time.perf_counter() - saved_at >= s.save_every):
+                        hooks.partial({"epoch": epoch, "batch": i + 1, "epoch_rng": epoch_rng,
+                                       "seen": seen, "loss_sum": loss_sum, "correct": int(correct_dev),
+                                       "seconds": elapsed0 + time.perf_counter() - t0,
+                                       "optimizer": optimizer.state_dict(),
+                                       "scheduler": _plain(scheduler.state_dict()), "rng": _rng_state(gen),
+                                       "history": history})
+                        saved_at = time.perf_counter()
         correct = int(correct_dev)  # (loss_sum was read at the last batch)
-        train_time = time.perf_counter() - t0
+        train_time = elapsed0 + time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         if not s.per_batch:
             scheduler.step()

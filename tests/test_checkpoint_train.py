@@ -197,6 +197,42 @@ def test_resume_after_interruption_equals_uninterrupted(shared_data, tmp_path, m
     assert r_resumed["metrics"]["epochs"] == 3
 
 
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_resume_mid_epoch_equals_uninterrupted(shared_data, tmp_path, monkeypatch, epoch):
+    """Ctrl-C at batch 4 of an epoch, after the mid-epoch state of batch 3 was saved
+    (``save_every`` tiny: every batch): --resume continues from that batch (in epoch 1
+    there is no checkpoint yet, only the partial state) and ends with the uninterrupted
+    run's weights and history; the partial file is gone once the epoch is saved."""
+    straight = tmp_path / "straight.pt"
+    r_straight = train_ann(_tiny_cfg(shared_data, straight, epochs=2, milestones=[1]))
+    steps = 640 // 64
+    real_ce, calls = torch.nn.functional.cross_entropy, [0]
+
+    def ce_then_interrupt(*a, **k):
+        calls[0] += 1
+        if calls[0] == (epoch - 1) * steps + 4:
+            raise KeyboardInterrupt
+        return real_ce(*a, **k)
+
+    broken = tmp_path / "broken.pt"
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_ann(_tiny_cfg(shared_data, broken, epochs=2, milestones=[1], save_every=1e-9))
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_ce)
+    part = snnadv.train.partial_path(broken)
+    state = load_checkpoint(part)["train_state"]
+    assert (state["epoch"], state["batch"]) == (epoch - 1, 3)
+    assert broken.exists() == (epoch == 2)
+    # without --resume the interrupted run is not silently replaced
+    with pytest.raises(SnnadvError, match="partial" if epoch == 1 else "broken.pt exists"):
+        train_ann(_tiny_cfg(shared_data, broken, epochs=2, milestones=[1]))
+    r_resumed = train_ann(_tiny_cfg(shared_data, broken, epochs=2, milestones=[1], resume=True, save_every=1e-9))
+    assert not part.exists()
+    _assert_same_weights(_weights(straight), _weights(broken))
+    strip = lambda h: [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in h]  # noqa: E731
+    assert strip(r_resumed["metrics"]["history"]) == strip(r_straight["metrics"]["history"])
+
+
 def test_resume_two_then_three_epochs_equals_three(shared_data, tmp_path):
     """2 epochs, then --resume with epochs=3 = 3 epochs straight (same lr schedule)."""
     straight, resumed = tmp_path / "a.pt", tmp_path / "b.pt"
