@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from .errors import SnnadvError
+from .registry import ATTACKS, GRADIENTS, SURROGATES
 
 #: settings every stage accepts (the one CLI convention)
 COMMON = {
@@ -73,6 +74,7 @@ STAGES = {
         "snn_bp_ii": None, "eps": "8/255", "alpha": "2/255", "steps": 7, "random_start": False,
         "conv_timesteps": None, "bp_timesteps": None, "gradient": "alg1", "eval_draws": 1,
         "input_bits": None, "test_subset": 1000, "tables": ["1", "2"],
+        "attacks": ("fgsm", "pgd"),  # the paper's (registered attacks: snnadv.registry.ATTACKS)
     },
     # ``snnadv analyze ...`` (snnadv/analysis): one table for all five analyses; None
     # means "the analysis' own default" (e.g. timesteps 50,75,100,150 for the sweep,
@@ -113,7 +115,9 @@ FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 #: settings added after runs were first keyed (reproduce stages, sweep settings): at
 #: these values they are left out of the keys, so results computed before stay valid
 LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0,
-                 "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5}
+                 "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
+                 # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
+                 "attacks": ("fgsm", "pgd")}
 
 
 def keyed(settings: dict) -> dict:
@@ -374,7 +378,7 @@ _EPS = Setting("fraction", 0, 1)
 _ALPHA = Setting("fraction", 0, 1, open_lo=True)
 _STEPS = Setting("int", 1, MAX_STEPS)
 _DRAWS = Setting("int", 1, MAX_DRAWS)
-_SURROGATES = ("stdb", "linear", "fast-sigmoid")
+_SURROGATES = SURROGATES  # the registries: a plugin's names are valid too
 _ARCHS = ("vgg5", "vgg11", "resnet20", "tiny")
 _KINDS = ("ann", "snn-conv", "snn-bp")
 
@@ -408,8 +412,8 @@ SCHEMA: dict = {
     "lr_gamma": Setting("float", 0, 1, open_lo=True),
     # attack / table / analyze / evaluate
     "source": Setting("choice", choices=_KINDS), "target": Setting("choice", choices=_KINDS, optional=True),
-    "attack": Setting("choice", choices=("fgsm", "pgd")), "eps": _EPS, "steps": _STEPS,
-    "random_start": _BOOL, "gradient": Setting("choice", choices=("alg1", "bptt"), optional=True),
+    "attack": Setting("choice", choices=ATTACKS), "eps": _EPS, "steps": _STEPS,
+    "random_start": _BOOL, "gradient": Setting("choice", choices=GRADIENTS, optional=True),
     "eot": _DRAWS, "eval_draws": _DRAWS, "targeted": _BOOL, "conv_timesteps": _T, "bp_timesteps": _T,
     "tables": Setting("names"), "model": Setting("choice", choices=("snn-bp", "snn-conv")),
     "bits": Setting("text", optional=True),
@@ -441,7 +445,7 @@ SCHEMA: dict = {
     ("analyze", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
     ("analyze", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
     ("analyze", "surrogate"): Setting("choice", choices=_SURROGATES, optional=True),
-    ("analyze", "attack"): Setting("choice", choices=("fgsm", "pgd")),
+    ("analyze", "attack"): Setting("choice", choices=ATTACKS),
     ("bench", "arch"): Setting("choice", choices=_ARCHS, optional=True),
     ("bench", "timesteps"): Setting("text", optional=True),
     ("bench", "precision"): Setting("text"),

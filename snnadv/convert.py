@@ -28,7 +28,7 @@ from .checkpoint import build_model, file_hash, load_checkpoint, load_weights, m
 from .config import check_positive, resolve_device
 from .data import batches, load_dataset
 from .errors import SnnadvError
-from .evaluate import accuracy
+from .evaluation import accuracy
 from .models import SNN, ArchSpec
 from .models.spec import Block
 from .outputs import Outputs, checkpoint_paths, guarded

@@ -24,6 +24,8 @@ image.  The signed mode is there to reproduce the original code's numbers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from snntorch import spikegen
 from torch import nn
@@ -118,3 +120,25 @@ class RateEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, input_range={self.input_range}, gain={self.gain}"
+
+
+@contextmanager
+def encoder_seed(model: nn.Module, seed: int | None, device=None):
+    """Give ``model``'s rate encoder a generator seeded with ``seed`` for the block, then
+    restore the one it had: the spikes drawn inside depend on ``seed`` only.
+
+    ``device``: where the generator lives (default: the model's parameters').  A model
+    without a :class:`RateEncoder` (an ANN), or ``seed=None``, is left as it is.
+    """
+    enc = getattr(model, "encoder", None)
+    if seed is None or not isinstance(enc, RateEncoder):
+        yield
+        return
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    old = enc.generator
+    enc.generator = torch.Generator(device=device).manual_seed(int(seed))
+    try:
+        yield
+    finally:
+        enc.generator = old

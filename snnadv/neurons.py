@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .errors import SnnadvError
+from .registry import SURROGATES as REGISTERED_SURROGATES, register_surrogate
 
 DT_INIT = 1000.0
 
@@ -71,6 +72,7 @@ class Surrogate:
         return f"{self.name}({inner})"
 
 
+@register_surrogate("stdb")
 class SpikeTime(Surrogate):
     """Eq. 4: ds/du = alpha * exp(-beta * dt), dt = steps since the last spike."""
 
@@ -101,6 +103,7 @@ class SpikeTime(Surrogate):
         return {"alpha": self.alpha, "beta": self.beta}
 
 
+@register_surrogate("linear")
 class LinearSurrogate(Surrogate):
     """ds/du = gamma * max(0, 1 - |u / thr - 1|)."""
 
@@ -113,6 +116,7 @@ class LinearSurrogate(Surrogate):
         return self.gamma * torch.clamp(1.0 - torch.abs(mem / thr - 1.0), min=0.0)
 
 
+@register_surrogate("fast-sigmoid")
 class FastSigmoid(Surrogate):
     """ds/du = 1 / (1 + k |u - thr|)^2 (smooth; k sets the sharpness)."""
 
@@ -134,9 +138,9 @@ def make_surrogate(name: str = "stdb", **params) -> Surrogate:
     Parameters that the chosen surrogate does not take are ignored, so callers can
     pass ``alpha``, ``beta``, ``gamma`` and ``slope`` together from a config.
     """
-    if name not in SURROGATES:
-        raise SnnadvError(f"unknown surrogate '{name}' (choose {', '.join(SURROGATES)})")
-    cls = SURROGATES[name]
+    if name not in REGISTERED_SURROGATES:
+        raise SnnadvError(REGISTERED_SURROGATES.unknown(name))
+    cls = REGISTERED_SURROGATES[name]
     import inspect
 
     accepted = inspect.signature(cls.__init__).parameters

@@ -56,8 +56,8 @@ class Reporter:
                 if log is not None:
                     log.stop()
 
-    def table(self, title: str, columns: list[str], rows: list[list]) -> Table:
-        t = Table(title=title, title_justify="left")
+    def table(self, title: str, columns: list[str], rows: list[list], caption: str | None = None) -> Table:
+        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for c in columns:
             t.add_column(c, justify="right" if c != columns[0] else "left")
         for r in rows:

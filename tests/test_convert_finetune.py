@@ -19,7 +19,7 @@ from snnadv.config import resolve
 from snnadv.convert import TopK, balance_thresholds, convert, spiking_layers
 from snnadv.data import load_dataset
 from snnadv.errors import CheckpointError, SnnadvError
-from snnadv.evaluate import accuracy
+from snnadv.evaluation import accuracy
 from snnadv.models import SNN, get_spec
 from snnadv.train import finetune
 
