@@ -262,7 +262,9 @@ class RateGradient:
 
 # --------------------------------------------------------------------------- the registered paths
 # An entry of GRADIENTS is a factory (model, **options) -> source for an SNN ``model``;
-# the options are ``slope`` and ``proxy`` (see make_gradient), ignored where unused.
+# the options are ``slope`` and ``proxy`` (see make_gradient), ignored where unused.  A
+# factory may say ``needs_proxy = True`` (it differentiates the proxy ANN, not the SNN)
+# or ``duplicate_of = "<path>"`` (the same direction: the adaptive suite's "all" skips it).
 
 #: the path of an SNN source when none is named: the paper's Algorithm 1
 DEFAULT_PATH = "alg1"
