@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, flags
+from snnadv.registry import ATTACKS
+
+from .options import ATTACK, SURROGATE, RegistryChoice, common_options, flags
 
 
 def _run(name: str, kw: dict):
@@ -40,7 +42,8 @@ def sweep_options(fn):
         click.option("--timesteps", help="Timesteps T, comma separated."),
         click.option("--bits", help="Input bit-widths, comma separated: 1-8 or none."),
         click.option("--leaks", help="Leak factors in (0, 1], comma separated (1.0 = IF)."),
-        click.option("--attacks", help="Blackbox attacks, comma separated (default fgsm,pgd)."),
+        click.option("--attacks", type=RegistryChoice(ATTACKS, several=True),
+                     help="Blackbox attacks, comma separated (default fgsm,pgd)."),
         click.option("--eps", help="L-inf budget, e.g. 8/255 (default)."),
         click.option("--alpha", help="PGD step size (default 2/255)."),
         click.option("--steps", type=int, help="PGD steps (default 7)."),
@@ -48,8 +51,7 @@ def sweep_options(fn):
         click.option("--eval-draws", type=int, help="Encoder draws to average SNN accuracy over (default 1)."),
         click.option("--epochs", type=int, help="Fine-tuning epochs (default: the finetune stage's, 15)."),
         click.option("--lr", type=float, help="Fine-tuning learning rate (default: the finetune stage's, 1e-4)."),
-        click.option("--surrogate", type=click.Choice(["stdb", "linear", "fast-sigmoid"]),
-                     help="Fine-tuning surrogate gradient (default stdb)."),
+        click.option("--surrogate", type=SURROGATE, help="Fine-tuning surrogate gradient (default stdb)."),
         click.option("--scale", type=float, help="Threshold scale for fine-tuning (default: the converted one's)."),
         click.option("--force", is_flag=True, default=None, help="Recompute every setting (ignore saved results)."),
     ]
@@ -126,7 +128,7 @@ def encoder(**kw):
 @common_options
 @click.option("--checkpoint", type=click.Path(),
               help="ANN that crafts the adversarial image (default: none, a random sign perturbation).")
-@click.option("--attack", type=click.Choice(["fgsm", "pgd"]), help="Attack (default pgd).")
+@click.option("--attack", type=ATTACK, help="Attack (default pgd).")
 @click.option("--eps", help="L-inf budget, e.g. 8/255 (default).")
 @click.option("--alpha", help="PGD step size (default 2/255).")
 @click.option("--steps", type=int, help="PGD steps (default 7).")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, flags
+from snnadv.registry import GRADIENTS
+
+from .options import RegistryChoice, common_options, flags
 
 
 @click.command("evaluate")
@@ -16,8 +18,8 @@ from .options import common_options, flags
 @click.option("--eps", help="L-inf budget(s), one or a comma-separated list, e.g. 2/255,8/255,64/255 (default 8/255).")
 @click.option("--eot", type=int, help="Encoder draws averaged per gradient step (EOT; 1 = the paper; default 4).")
 @click.option("--eval-draws", type=int, help="Encoder draws an SNN's accuracy is averaged over (default 4).")
-@click.option("--paths", help="SNN gradient paths, comma separated: alg1, bptt, bptt-stdb, bptt-linear, "
-                              "bptt-fast-sigmoid, rate, ann; or all (default).")
+@click.option("--paths", type=RegistryChoice(GRADIENTS, several=True, extra=("all", "paper", "autograd")),
+              help="Gradient paths, comma separated: registered SNN paths, or all (default).")
 @click.option("--steps", type=int, help="Adaptive PGD steps (default 20).")
 @click.option("--restarts", type=int, help="Adaptive PGD / APGD restarts (default 2).")
 @click.option("--alpha", help="Adaptive PGD step size (default max(2.5 eps/steps, eps/8)).")

@@ -28,7 +28,7 @@ from snnadv.errors import Interrupted, SnnadvError, SnnadvWarning
 from .analyze_cmd import analyze, report
 from .doctor_cmd import doctor
 from .evaluate_cmd import evaluate
-from .options import common_options, flags
+from .options import SURROGATE, common_options, flags
 from .reproduce_cmd import reproduce
 from .robustness_cmds import attack, table
 
@@ -105,7 +105,7 @@ def convert(**kw):
 @click.option("--checkpoint", type=click.Path(), help="The snn-conv checkpoint to start from.")
 @click.option("--leak", type=float, help="Leak lambda in (0, 1]; 1.0 = IF (default 0.99).")
 @click.option("--timesteps", type=int, help="T (paper: 100 VGG5, 200 ResNet20/VGG11).")
-@click.option("--surrogate", type=click.Choice(["stdb", "linear", "fast-sigmoid"]), help="Surrogate gradient (default stdb, Eq. 4).")
+@click.option("--surrogate", type=SURROGATE, help="Surrogate gradient (default stdb, Eq. 4).")
 @click.option("--alpha", type=float, help="Eq. 4 alpha (0.3).")
 @click.option("--beta", type=float, help="Eq. 4 beta (0.01).")
 @click.option("--gamma", type=float, help="Linear surrogate gamma (0.3).")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+
 import click
+
+from snnadv.registry import ATTACKS, GRADIENTS, SURROGATES
 
 #: option name -> its Click declaration, in the order ``--help`` lists them
 COMMON = {
@@ -39,3 +43,40 @@ def common_options(fn=None, *, only: tuple[str, ...] | None = None, **changed: d
 def flags(kw: dict) -> dict:
     """Command-line values that were given (``None`` = not given)."""
     return {k: v for k, v in kw.items() if v is not None}
+
+
+class RegistryChoice(click.ParamType):
+    """A name registered in ``registry`` (or one of ``extra``), checked when the command
+    line is parsed (plugins are loaded by then, so their names count) and listed in
+    ``--help``.  ``several``: a comma-separated list of such names, handed on as given."""
+
+    def __init__(self, registry, *, several: bool = False, extra: tuple[str, ...] = ()):
+        self.registry, self.several, self.extra = registry, several, tuple(extra)
+        self.name = registry.kind
+
+    def choices(self) -> list[str]:
+        return list(dict.fromkeys([*self.extra, *self.registry]))
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices()) + "]" + (",..." if self.several else "")
+
+    def convert(self, value, param, ctx):
+        items = [v.strip() for v in str(value).split(",") if v.strip()] if self.several else [value]
+        known = self.choices()
+        for v in items:
+            if v not in known:
+                close = difflib.get_close_matches(str(v), known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.fail(f"unknown {self.registry.kind} '{v}' (choose {', '.join(known)}){hint}", param, ctx)
+        return value
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(n) for n in self.choices() if n.startswith(incomplete)]
+
+
+#: the option types of registered names (attacks, gradient paths, surrogates)
+ATTACK = RegistryChoice(ATTACKS)
+GRADIENT = RegistryChoice(GRADIENTS)
+SURROGATE = RegistryChoice(SURROGATES)

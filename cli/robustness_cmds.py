@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, flags
+from .options import ATTACK, GRADIENT, common_options, flags
 
 KINDS = click.Choice(["ann", "snn-conv", "snn-bp"])
 
@@ -15,13 +15,13 @@ KINDS = click.Choice(["ann", "snn-conv", "snn-bp"])
 @click.option("--target", type=KINDS, help="Kind of the target model (default: the source; whitebox).")
 @click.option("--source-ckpt", type=click.Path(), help="Checkpoint of the source model.")
 @click.option("--target-ckpt", type=click.Path(), help="Checkpoint of the target (default: the source: whitebox).")
-@click.option("--attack", type=click.Choice(["fgsm", "pgd"]), help="Attack (default pgd).")
+@click.option("--attack", type=ATTACK, help="Attack (default pgd).")
 @click.option("--eps", help="L-inf budget in pixel scale, e.g. 8/255 (default).")
 @click.option("--alpha", help="PGD step size, e.g. 2/255 (default).")
 @click.option("--steps", type=int, help="PGD steps (default 7).")
 @click.option("--random-start", is_flag=True, default=None, help="PGD from a random point in the eps-ball.")
 @click.option("--timesteps", type=int, help="T for SNN sources and targets (default: the checkpoint's).")
-@click.option("--gradient", type=click.Choice(["alg1", "bptt"]), help="SNN source gradient: Algorithm 1 (default) or BPTT.")
+@click.option("--gradient", type=GRADIENT, help="SNN source gradient path (default alg1: Algorithm 1).")
 @click.option("--eot", type=int, help="SNN source: average the gradient over this many encoder draws (EOT; default 1).")
 @click.option("--input-bits", type=int, help="Quantise inputs of source and target to this many bits.")
 @click.option("--eval-draws", type=int, help="Encoder draws to average SNN accuracy over (default 1).")
@@ -38,7 +38,7 @@ def attack(**kw):
 @common_options
 @click.option("--conv-timesteps", type=int, help="T for the SNN-conv models (default: their checkpoint's).")
 @click.option("--bp-timesteps", type=int, help="T for the SNN-BP models (default: their checkpoint's).")
-@click.option("--gradient", type=click.Choice(["alg1", "bptt"]), help="Gradient for SNN sources (default alg1).")
+@click.option("--gradient", type=GRADIENT, help="Gradient path for SNN sources (default alg1).")
 @click.option("--eps", help="L-inf budget (default 8/255).")
 @click.option("--steps", type=int, help="PGD steps (default 7).")
 @click.option("--eval-draws", type=int, help="Encoder draws per SNN accuracy (default 1).")

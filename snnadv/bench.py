@@ -43,6 +43,7 @@ gradient), against the peak FLOP/s and memory bandwidth given (defaults on CUDA:
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import platform
@@ -56,9 +57,11 @@ import torch.nn.functional as F
 from snntorch import spikegen, surrogate
 from torch import nn
 
+from .attacks import PGD
 from .checkpoint import load_weights
 from .config import parse_list, parse_precision, resolve, resolve_device
 from .errors import SnnadvError
+from .gradients import Autograd
 from .kernels import scan
 from .models import ANN, SNN, get_spec, record_spikes
 from .models.ann import BasicBlock, make_layer
@@ -432,16 +435,11 @@ def snn_infer(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, bat
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, timesteps: int, steps: int = PGD_STEPS,
                eps: float = PGD_EPS, alpha: float = PGD_ALPHA) -> torch.Tensor:
-    """L-inf PGD from the clean image; the gradient is w.r.t. the input only (the
-    models' encoders pass it straight through the sampling)."""
-    xa = x.clone()
-    for _ in range(steps):
-        xa.requires_grad_(True)
-        loss = F.cross_entropy(model(xa, timesteps), y)
-        (g,) = torch.autograd.grad(loss, xa)
-        xa = xa.detach() + alpha * g.sign()
-        xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0.0, 1.0)
-    return xa
+    """L-inf PGD (:class:`snnadv.attacks.PGD`) from the clean image at ``timesteps``; the
+    gradient is w.r.t. the input only (BPTT, the models' encoders pass it straight
+    through the sampling), of the batch's mean cross-entropy."""
+    source = Autograd(functools.partial(model, num_steps=timesteps), loss=F.cross_entropy)
+    return PGD(model, eps, alpha, steps, gradient=source)(x, y)
 
 
 def pgd(spec: ArchSpec, weights: dict, *, impl: str, thresholds: dict, batch: int, timesteps: int,
@@ -581,42 +579,6 @@ def hardware(name: str, row: dict, counts: dict, peak_tflops, peak_tbps) -> dict
     return out
 
 
-def goals(device: torch.device, arch: str, rows: list[dict]) -> list[dict]:
-    """The issue's targets, checked against this run (``applies``: settings match the target's)."""
-    out = []
-    for r in rows:
-        if r["impl"] == "snnadv" and r["workload"] in ("snn_train", "snn_infer"):
-            for g in _goals_of(device, arch, r):
-                g["goal"] += f" ({r.get('precision', 'fp32')})"
-                out.append(g)
-    return out
-
-
-def _goals_of(device: torch.device, arch: str, row: dict) -> list[dict]:
-    """The targets that one snnadv row of the training or evaluation workload is checked against."""
-    out = []
-    tr = row if row["workload"] == "snn_train" else None
-    if tr is not None and tr.get("speedup") is not None:
-        if device.type == "cuda":
-            out.append({"goal": "SNN-BP training VGG5 T=100 batch>=64: >= 20x plain snnTorch",
-                        "value": tr["speedup"], "target": 20.0, "met": tr["speedup"] >= 20.0,
-                        "applies": arch == "vgg5" and tr["timesteps"] == 100 and tr["batch"] >= 64})
-        else:
-            out.append({"goal": "CPU: SNN-BP training VGG5 T=32 batch 16: >= 2x plain snnTorch",
-                        "value": tr["speedup"], "target": 2.0, "met": tr["speedup"] >= 2.0,
-                        "applies": arch == "vgg5" and tr["timesteps"] == 32 and tr["batch"] == 16})
-    if device.type == "cuda" and tr is not None:
-        out.append({"goal": "SNN-BP training VGG5 T=100 batch>=64: >= 2000 images/s",
-                    "value": tr["images_per_s"], "target": 2000.0, "met": tr["images_per_s"] >= 2000.0,
-                    "applies": arch == "vgg5" and tr["timesteps"] == 100 and tr["batch"] >= 64})
-    inf = row if row["workload"] == "snn_infer" else None
-    if device.type == "cuda" and inf is not None:
-        sec = 10000 / inf["images_per_s"]
-        out.append({"goal": "SNN evaluation T=2500 of 10,000 test images: < 120 s", "value": sec,
-                    "target": 120.0, "met": sec < 120.0, "applies": arch == "vgg5" and inf["timesteps"] == 2500})
-    return out
-
-
 # -- the run ------------------------------------------------------------------------------
 def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
     """Run the selected workloads for both implementations; returns every number."""
@@ -698,7 +660,6 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         result["rows"] = rows
         result["speedups"] = {_label(r): r["speedup"] for r in rows if r["speedup"] is not None}
         result["seconds_for_10k_test_images"] = 10000 / infer["images_per_s"] if infer else None
-        result["goals"] = goals(device, arch, rows)
         result["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         loads = [l[0] for l in (load_before, result["load_avg_after"]) if l]
         result["under_load"] = bool(device.type == "cpu" and loads and max(loads) > 1.5 * (os.cpu_count() or 1))
@@ -750,10 +711,6 @@ def print_result(result: dict, reporter: Reporter) -> None:
         reporter.print(f"[yellow]warning:[/] the machine was busy (load average {result['load_avg_before'][0]:.1f} "
                        f"before, {result['load_avg_after'][0]:.1f} after, {result['cpu_count']} CPUs): "
                        f"timings are disturbed; compare cpu_seconds in the JSON")
-    for g in result.get("goals", []):
-        state = "[green]met[/]" if g["met"] else "[red]not met[/]"
-        reporter.print(f"goal: {g['goal']}: {g['value']:.3g} -> {state}"
-                       + ("" if g["applies"] else " (settings differ from the goal's)"))
 
 
 @guarded

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from .errors import SnnadvError
-from .registry import ARCHITECTURES, NEURONS, SURROGATES
+from .lists import parse_list  # noqa: F401  (the one list parser, used here and re-exported)
+from .registry import ARCHITECTURES, ATTACKS, GRADIENTS, NEURONS, SURROGATES
 
 #: settings every stage accepts (the one CLI convention)
 COMMON = {
@@ -77,6 +78,7 @@ STAGES = {
         "snn_bp_ii": None, "eps": "8/255", "alpha": "2/255", "steps": 7, "random_start": False,
         "conv_timesteps": None, "bp_timesteps": None, "gradient": "alg1", "eval_draws": 1,
         "input_bits": None, "test_subset": 1000, "tables": ["1", "2"],
+        "attacks": ("fgsm", "pgd"),  # the paper's (registered attacks: snnadv.registry.ATTACKS)
     },
     # ``snnadv analyze ...`` (snnadv/analysis): one table for all five analyses; None
     # means "the analysis' own default" (e.g. timesteps 50,75,100,150 for the sweep,
@@ -118,7 +120,9 @@ FINETUNE_STEPS = {"vgg5": 100, "resnet20": 200, "vgg11": 200, "tiny": 20}
 #: these values they are left out of the keys, so results computed before stay valid
 LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "schedule": "step", "warmup": 0.0,
                  "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
-                 "neuron": "lif", "save_every": 10.0}
+                 "neuron": "lif", "save_every": 10.0,
+                 # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
+                 "attacks": ("fgsm", "pgd")}
 
 
 def keyed(settings: dict) -> dict:
@@ -225,23 +229,6 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
     return out
-
-
-def parse_list(value, name: str | None = None) -> list:
-    """The one list parser: a TOML list (or tuple) as it is, a comma-separated string
-    (``"a, b,c"``) as its stripped items, anything else as a one-item list.  Empty items
-    of a string are dropped; with ``name``, an empty item among several (``"4,,2"``) is
-    a one-line error naming ``--name``.  Items are not converted: each setting checks
-    its own (:class:`Setting`); the command line's list flags reach it through
-    :func:`resolve`."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-        if name is not None and len(items) > 1 and "" in items:
-            raise SnnadvError(f"--{name} has an empty item in '{value}'")
-        return [v for v in items if v]
-    return [value]
 
 
 #: how synaptic layers run: fp32, or bf16 autocast (membranes stay fp32)
@@ -415,8 +402,8 @@ _EPS = Setting("fraction", 0, 1)
 _ALPHA = Setting("fraction", 0, 1, open_lo=True)
 _STEPS = Setting("int", 1, MAX_STEPS)
 _DRAWS = Setting("int", 1, MAX_DRAWS)
-_SURROGATES = SURROGATES  # the registry: read when a value is checked (plugins included)
-_ARCHS = ARCHITECTURES  # the registry: read when a value is checked (plugins included)
+_SURROGATES = SURROGATES  # the registries: read when a value is checked (plugins included)
+_ARCHS = ARCHITECTURES
 _KINDS = ("ann", "snn-conv", "snn-bp")
 
 #: every setting's type and domain; ``(stage, key)`` entries override ``key`` for that stage
@@ -451,8 +438,8 @@ SCHEMA: dict = {
     "lr_gamma": Setting("float", 0, 1, open_lo=True),
     # attack / table / analyze / evaluate
     "source": Setting("choice", choices=_KINDS), "target": Setting("choice", choices=_KINDS, optional=True),
-    "attack": Setting("choice", choices=("fgsm", "pgd")), "eps": _EPS, "steps": _STEPS,
-    "random_start": _BOOL, "gradient": Setting("choice", choices=("alg1", "bptt"), optional=True),
+    "attack": Setting("choice", choices=ATTACKS), "eps": _EPS, "steps": _STEPS,
+    "random_start": _BOOL, "gradient": Setting("choice", choices=GRADIENTS, optional=True),
     "eot": _DRAWS, "eval_draws": _DRAWS, "targeted": _BOOL, "conv_timesteps": _T, "bp_timesteps": _T,
     "tables": Setting("names"), "model": Setting("choice", choices=("snn-bp", "snn-conv")),
     "bits": Setting("text", optional=True),
@@ -484,7 +471,7 @@ SCHEMA: dict = {
     ("analyze", "epochs"): Setting("int", 1, MAX_EPOCHS, optional=True),
     ("analyze", "lr"): Setting("float", 0, 1e6, open_lo=True, optional=True),
     ("analyze", "surrogate"): Setting("choice", choices=_SURROGATES, optional=True),
-    ("analyze", "attack"): Setting("choice", choices=("fgsm", "pgd")),
+    ("analyze", "attack"): Setting("choice", choices=ATTACKS),
     ("bench", "arch"): Setting("choice", choices=_ARCHS, optional=True),
     ("bench", "timesteps"): Setting("text", optional=True),
     ("bench", "precision"): Setting("text"),

@@ -15,7 +15,7 @@ from .config import check_positive, resolve_device
 from .conversion import ConversionSettings, accuracy_curve, balance, build_snn, spiking_layers
 from .data import batches, load_dataset
 from .errors import SnnadvError
-from .evaluate import accuracy
+from .evaluation import accuracy
 from .models import ArchSpec
 from .outputs import Outputs, checkpoint_paths, guarded, write_json
 from .report import Reporter

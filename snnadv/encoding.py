@@ -134,3 +134,20 @@ def encoder_generator(model: nn.Module, generator: torch.Generator | None):
         yield generator
     finally:
         encoder.generator = previous
+
+
+@contextmanager
+def encoder_seed(model: nn.Module, seed: int | None, device=None):
+    """:func:`encoder_generator` with a generator seeded with ``seed``: the spikes drawn
+    inside depend on ``seed`` only.
+
+    ``device``: where the generator lives (default: the model's parameters').  A model
+    without a :class:`RateEncoder` (an ANN), or ``seed=None``, is left as it is.
+    """
+    if seed is None or not isinstance(getattr(model, "encoder", None), RateEncoder):
+        yield
+        return
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    with encoder_generator(model, torch.Generator(device=device).manual_seed(int(seed))):
+        yield

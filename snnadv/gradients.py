@@ -27,7 +27,7 @@ checks Algorithm 1 against an independent ``torch.nn.grad.conv2d_input``.
 Every call draws fresh encoder spikes, so SNN gradients are stochastic: pass a
 ``generator`` to make them reproducible; :class:`EOT` averages M draws.
 
-More gradient paths for SNNs (adaptive attacks, :mod:`snnadv.adaptive`):
+More gradient paths for SNNs (adaptive attacks, :mod:`snnadv.attacks.suite`):
 
 * :class:`AttackSurrogate` (``bptt-stdb``, ``bptt-linear``, ``bptt-fast-sigmoid``):
   straight-through BPTT with a surrogate chosen *at attack time*, independently of
@@ -56,6 +56,10 @@ More gradient paths for SNNs (adaptive attacks, :mod:`snnadv.adaptive`):
   (before fine-tuning) the same weights: a transfer attack that sees through the
   spiking non-linearity entirely.  :mod:`snnadv.adaptive` finds it through the
   checkpoint's parent chain.
+
+Every path is registered by name (:data:`snnadv.registry.GRADIENTS`, a factory
+``(model, **options) -> source`` per name, ``bptt-<surrogate>`` for every registered
+surrogate); :func:`make_gradient` builds one by name.
 """
 
 from __future__ import annotations
@@ -69,12 +73,8 @@ from .errors import SnnadvError
 from .models import SNN, record_spikes
 from .models.ann import BasicBlock
 from .neurons import Neuron
-from .registry import SURROGATES
+from .registry import GRADIENTS, SURROGATES, register_gradient
 from .surrogates import make_surrogate
-
-GRADIENTS = ("alg1", "bptt")
-#: every gradient path an SNN source accepts (``make_gradient``'s ``kind``)
-SNN_PATHS = ("alg1", "bptt", *[f"bptt-{n}" for n in SURROGATES], "rate", "ann")
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -243,30 +243,63 @@ class RateGradient:
         return grad, logits.detach()
 
 
+# --------------------------------------------------------------------------- the registered paths
+# An entry of GRADIENTS is a factory (model, **options) -> source for an SNN ``model``;
+# the options are ``slope`` and ``proxy`` (see make_gradient), ignored where unused.  A
+# factory may say ``needs_proxy = True`` (it differentiates the proxy ANN, not the SNN)
+# or ``duplicate_of = "<path>"`` (the same direction: the adaptive suite's "all" skips it).
+
+#: the path of an SNN source when none is named: the paper's Algorithm 1
+DEFAULT_PATH = "alg1"
+
+
+@register_gradient("alg1")
+def _alg1(model, **_):
+    return Algorithm1(model)
+
+
+@register_gradient("bptt")
+def _bptt(model, **_):
+    return Autograd(model)
+
+
+_bptt.duplicate_of = "alg1"  # BPTT with the training surrogate has Algorithm 1's direction (module docstring)
+
+
+@GRADIENTS.register_family("bptt-", SURROGATES)
+def _bptt_with(surrogate: str):
+    """``bptt-<surrogate>``, for every registered surrogate (a plugin's too)."""
+    def factory(model, *, slope: float | None = None, **_):
+        return AttackSurrogate(model, make_surrogate(surrogate, slope=slope))
+    return factory
+
+
+@register_gradient("rate")
+def _rate(model, **_):
+    return RateGradient(model)
+
+
+@register_gradient("ann")
+def _ann(model, *, proxy: nn.Module | None = None, **_):
+    if proxy is None:
+        raise SnnadvError("the 'ann' gradient path needs the ANN the SNN was converted from (proxy)")
+    return Autograd(proxy, name="ann")
+
+
+_ann.needs_proxy = True  # differentiates the proxy, not the target: deterministic, no EOT
+
+
 def make_gradient(model: nn.Module, kind: str | None = None, eot: int = 1, *, slope: float | None = None,
                   proxy: nn.Module | None = None):
-    """The gradient source for ``model``: for SNNs one of :data:`SNN_PATHS` (default alg1),
-    autograd for ANNs (``kind`` must then be None).
+    """The gradient source for ``model``: for SNNs the path registered as ``kind``
+    (:data:`snnadv.registry.GRADIENTS`, default :data:`DEFAULT_PATH`), autograd for ANNs
+    (``kind`` must then be None).
 
     ``slope`` sets the fast-sigmoid sharpness k of ``bptt-fast-sigmoid``; ``proxy`` is
     the ANN used by the ``ann`` path.
     """
     if isinstance(model, SNN):
-        kind = kind or "alg1"
-        if kind not in SNN_PATHS:
-            raise SnnadvError(f"unknown gradient '{kind}' (choose {', '.join(SNN_PATHS)})")
-        if kind == "alg1":
-            source = Algorithm1(model)
-        elif kind == "bptt":
-            source = Autograd(model)
-        elif kind == "rate":
-            source = RateGradient(model)
-        elif kind == "ann":
-            if proxy is None:
-                raise SnnadvError("the 'ann' gradient path needs the ANN the SNN was converted from (proxy)")
-            source = Autograd(proxy, name="ann")
-        else:
-            source = AttackSurrogate(model, make_surrogate(kind[len("bptt-"):], slope=slope))
+        source = GRADIENTS[kind or DEFAULT_PATH](model, slope=slope, proxy=proxy)
     else:
         if kind is not None:
             raise SnnadvError("--gradient applies to SNN sources only; an ANN source uses autograd")

@@ -16,7 +16,8 @@ neuron         an ``nn.Module`` class following :class:`snnadv.neurons.Neuron`'s
 surrogate      a :class:`snnadv.surrogates.Surrogate` subclass (a spike's pseudo-derivative)
 attack         an :class:`snnadv.attacks.Attack` subclass (``forward(images, labels)``)
 gradient       a factory ``(model, **options) -> gradient source`` (how an attack
-               differentiates a model: Algorithm 1, BPTT, rate, ...)
+               differentiates a model: Algorithm 1, BPTT, rate, ...); ``bptt-<s>``
+               for every registered surrogate s (:meth:`Registry.register_family`)
 architecture   a function ``num_classes -> ArchSpec``
 =============  ==========================================================================
 
@@ -58,7 +59,7 @@ class Registry(Mapping):
     def __init__(self, kind: str, modules: tuple[str, ...] = ()):
         self.kind = kind
         self._modules = modules
-        self._entries: dict[str, Any] = {}
+        self._entries: dict[str, Any] = {}  # name -> entry, or a placeholder -> _Family
         self._ready = False
 
     def register(self, name: str, *, replace: bool = False) -> Callable[[Any], Any]:
@@ -76,6 +77,16 @@ class Registry(Mapping):
             return obj
         return add
 
+    def register_family(self, prefix: str, names: Mapping) -> Callable[[Any], Any]:
+        """Decorator on ``make(name) -> entry``: an entry ``prefix + n`` for every name n of
+        ``names`` (another registry), read whenever this one is, so a name registered there
+        later (a plugin's) has its entry here too; listed where the family was registered.
+        A name registered with :meth:`register` wins over a family's."""
+        def add(make):
+            self._entries[f"{prefix}<{getattr(names, 'kind', 'name')}>"] = _Family(prefix, names, make)
+            return make
+        return add
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (for tests and interactive sessions)."""
         self._entries.pop(name, None)
@@ -87,40 +98,62 @@ class Registry(Mapping):
                 importlib.import_module(mod)
         load_plugins()
 
-    def get(self, name: str, default=None):
+    def _all(self) -> dict[str, Any]:
+        """Every name -> entry, the families expanded."""
         self._load()
-        return self._entries.get(name, default)
+        out: dict[str, Any] = {}
+        for key, obj in self._entries.items():
+            if isinstance(obj, _Family):
+                for n in obj.names:
+                    if obj.prefix + n not in self._entries:
+                        out.setdefault(obj.prefix + n, obj.entry(n))
+            else:
+                out[key] = obj
+        return out
+
+    def get(self, name: str, default=None):
+        return self._all().get(name, default)
 
     def __getitem__(self, name: str):
-        self._load()
-        if name not in self._entries:
+        entries = self._all()
+        if name not in entries:
             raise RegistryError(self.unknown(name))
-        return self._entries[name]
+        return entries[name]
 
     def unknown(self, name: str) -> str:
         """One line: ``name`` is unknown, with the choices and a did-you-mean."""
-        self._load()
-        close = difflib.get_close_matches(str(name), list(self._entries), n=1)
+        names = list(self._all())
+        close = difflib.get_close_matches(str(name), names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown {self.kind} '{name}' (choose {', '.join(self._entries)}){hint}"
+        return f"unknown {self.kind} '{name}' (choose {', '.join(names)}){hint}"
 
     def __iter__(self) -> Iterator[str]:
-        self._load()
-        return iter(list(self._entries))
+        return iter(list(self._all()))
 
     def __len__(self) -> int:
-        self._load()
-        return len(self._entries)
+        return len(self._all())
 
     def __contains__(self, name) -> bool:
-        self._load()
-        return name in self._entries
+        return name in self._all()
 
     def names(self) -> list[str]:
         return list(self)
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries) or 'not loaded'})"
+
+
+class _Family:
+    """The entries ``prefix + n`` for the names n of another registry (see :meth:`Registry.register_family`)."""
+
+    def __init__(self, prefix: str, names: Mapping, make: Callable[[str], Any]):
+        self.prefix, self.names, self.make = prefix, names, make
+        self._made: dict[str, Any] = {}
+
+    def entry(self, name: str):
+        if name not in self._made:
+            self._made[name] = self.make(name)
+        return self._made[name]
 
 
 def _qualname(obj) -> str:

@@ -20,10 +20,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-# the atomic writer lives in snnadv.outputs; these names stay importable from here for
-# the callers not moved yet (snnadv.adaptive)
-from .outputs import atomic_target, atomic_write_text, write_json  # noqa: F401
-
 
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None, progress_every: float | None = None):
@@ -57,8 +53,8 @@ class Reporter:
                 if log is not None:
                     log.stop()
 
-    def table(self, title: str, columns: list[str], rows: list[list]) -> Table:
-        t = Table(title=title, title_justify="left")
+    def table(self, title: str, columns: list[str], rows: list[list], caption: str | None = None) -> Table:
+        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for c in columns:
             t.add_column(c, justify="right" if c != columns[0] else "left")
         for r in rows:

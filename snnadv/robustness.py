@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .attacks import check_eps, make_attack, parse_eps
+from .attacks import check_eps, craft, make_attack, parse_eps, takes
 from .checkpoint import build_model, file_hash, load_checkpoint
 from .config import resolve_device
 from .data import load_split, to_float
+from .encoding import encoder_seed
 from .errors import SnnadvError
-from .evaluate import accuracy_on, decode_correct, is_snn
+from .evaluation import accuracy_on, decode_correct, is_snn
 from .gradients import make_gradient
 from .outputs import Outputs, atomic_write_text, guarded, write_json
 from .report import Reporter
@@ -58,28 +59,10 @@ def check_compatible(a: dict, b: dict, ckpt_a: dict, ckpt_b: dict) -> None:
         raise SnnadvError("source and target take inputs of different sizes")
 
 
-def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, advance=None,
-          target_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Adversarial versions of ``images`` (float [0, 1]), batch by batch."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        t = None if target_labels is None else target_labels[i:i + batch_size]
-        out.append(attack(images[i:i + batch_size], labels[i:i + batch_size], t))
-        if advance:
-            advance(len(out[-1]))
-    return torch.cat(out)
-
-
-def _seeded(model, seed: int, device):
-    """Give an SNN source a fixed encoder generator (reproducible crafting)."""
-    if is_snn(model):
-        model.encoder.generator = torch.Generator(device=device).manual_seed(seed)
-
-
-def _attack_settings(cfg: dict) -> dict:
+def _attack_settings(cfg: dict, attacks: list[str]) -> dict:
     eps, alpha = parse_eps(cfg["eps"]), parse_eps(cfg["alpha"])
     steps = int(cfg["steps"])
-    warnings = check_eps(eps, alpha if cfg.get("attack", "pgd") == "pgd" else None, steps)
+    warnings = check_eps(eps, alpha if any(takes(a, "alpha") for a in attacks) else None, steps)
     return {"eps": eps, "alpha": alpha, "steps": steps, "random_start": bool(cfg["random_start"]),
             "warnings": warnings}
 
@@ -96,7 +79,7 @@ def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | N
     for role in ("source", "target"):
         if cfg[role] is not None and cfg[role] not in KINDS:
             raise SnnadvError(f"unknown {role} kind '{cfg[role]}' (choose {', '.join(KINDS)})")
-    settings = _attack_settings(cfg)
+    settings = _attack_settings(cfg, [cfg["attack"]])
     for w in settings["warnings"]:
         reporter.print(f"[yellow]warning:[/] {w}")
     if cfg["source"] == "ann" and cfg["gradient"] is not None:
@@ -127,9 +110,9 @@ def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | N
     if cfg["targeted"]:
         shift = torch.randint(1, _num_classes(tgt_ckpt), labels.shape, generator=gen, device=device)
         targets = (labels + shift) % _num_classes(tgt_ckpt)
-    _seeded(source, cfg["seed"], device)
     t0 = time.perf_counter()
-    with reporter.progress(f"crafting {cfg['attack']} on {src_info['stage']} ({gradient.name})", len(images)) as adv:
+    with reporter.progress(f"crafting {cfg['attack']} on {src_info['stage']} ({gradient.name})", len(images)) as adv, \
+            encoder_seed(source, cfg["seed"], device):
         x_adv = craft(attack, images, labels, cfg["batch_size"], adv, targets)
     craft_s = time.perf_counter() - t0
     draws, bs = int(cfg["eval_draws"]), cfg["batch_size"]
@@ -162,13 +145,8 @@ def _num_classes(ckpt: dict) -> int:
 
 @torch.no_grad()
 def _predict(model, images, batch_size, seed):
-    if is_snn(model):
-        model.encoder.generator = torch.Generator(device=images.device).manual_seed(seed)
-    try:
+    with encoder_seed(model, seed, images.device):
         return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
-    finally:
-        if is_snn(model):
-            model.encoder.generator = None
 
 
 # --------------------------------------------------------------------------- tables
@@ -183,7 +161,8 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     out = out.parent / out.stem if out.suffix else out
     outputs.claim([out, out / "tables.json", out / "tables.md"], cfg, folder=True, replace=[out / "tables.json"],
                   inputs={f"[table] {r}{x}": cfg.get(r + x) for r in ROLES for x in ("", "_ii")})
-    settings = _attack_settings(cfg)
+    attacks = [str(a) for a in cfg["attacks"]]
+    settings = _attack_settings(cfg, attacks)
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     steps_for = {"ann": None, "snn_conv": cfg["conv_timesteps"], "snn_bp": cfg["bp_timesteps"]}
@@ -212,11 +191,9 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
             gen = torch.Generator(device=device).manual_seed(seed)
             atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
                               settings["random_start"], grad, False, gen)
-            _seeded(model, seed, device)
-            with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv:
+            with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv, \
+                    encoder_seed(model, seed, device):
                 cache[(source_key, attack_name)] = craft(atk, images, labels, bs, adv)
-            if is_snn(model):
-                model.encoder.generator = None
         return cache[(source_key, attack_name)]
 
     def acc(target_key: str, x: torch.Tensor) -> dict:
@@ -227,13 +204,13 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     roles = list(ROLES)
     if "1" in [str(t) for t in cfg["tables"]]:
         t1 = {"clean": {r: acc(r, images) for r in roles}, "whitebox": {}, "blackbox": {}}
-        for a in ("fgsm", "pgd"):
+        for a in attacks:
             t1["whitebox"][a] = {r: acc(r, adversarial(r, a)) for r in roles}
             t1["blackbox"][a] = {r: acc(r, adversarial("ann_ii", a)) for r in roles}
         result["table1"] = t1
     if "2" in [str(t) for t in cfg["tables"]]:
         result["table2"] = {a: {s + "_ii": {t: acc(t, adversarial(s + "_ii", a)) for t in roles} for s in roles}
-                            for a in ("fgsm", "pgd")}
+                            for a in attacks}
     result["comparisons"] = comparisons(result, seed)
     _print_tables(result, reporter)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +242,7 @@ def comparison_pairs(result: dict) -> list[dict]:
     if "table1" in result:
         pairs.append(_pair(("table1", "clean", "snn_bp"), ("table1", "clean", "ann"), "Table 1 clean: SNN-BP − ANN"))
         for mode in ("whitebox", "blackbox"):
-            for a in ("fgsm", "pgd"):
+            for a in result["table1"][mode]:
                 cell = lambda r: ("table1", mode, a, r)  # noqa: E731
                 name = f"Table 1 {mode} {a.upper()}"
                 pairs.append(_pair(cell("snn_bp"), cell("ann"), f"{name}: SNN-BP − ANN (Δ)"))
@@ -273,7 +250,7 @@ def comparison_pairs(result: dict) -> list[dict]:
                     pairs.append(_pair(cell("snn_bp"), cell("snn_conv"), f"{name}: SNN-BP − SNN-conv"))
                     pairs.append(_pair(cell("snn_conv"), cell("ann"), f"{name}: SNN-conv − ANN"))
     if "table2" in result:
-        for a in ("fgsm", "pgd"):
+        for a in result["table2"]:
             for t in ROLES:
                 for s in ("snn_conv", "snn_bp"):
                     pairs.append(_pair(("table2", a, s + "_ii", t), ("table2", a, "ann_ii", t),
@@ -338,7 +315,7 @@ def table_rows(result: dict) -> dict:
 
         r = [["Clean"] + [cell_text(t1["clean"][x]) for x in roles] + [delta("clean")]
              + [cell_text(t1["clean"][x]) for x in roles] + [delta("clean")]]
-        for a in ("fgsm", "pgd"):
+        for a in t1["whitebox"]:
             wb, bb = t1["whitebox"][a], t1["blackbox"][a]
             r.append([a.upper()] + [cell_text(wb[x]) for x in roles] + [delta("whitebox", a)]
                      + [cell_text(bb[x]) for x in roles] + [delta("blackbox", a)])
@@ -346,9 +323,8 @@ def table_rows(result: dict) -> dict:
                            "BB SNN-BP", "BB Δ"], r)
     if "table2" in result:
         t2 = result["table2"]
-        header = ["source \\ target"] + [f"FGSM {ROLES[t]}-I" for t in roles] + [f"PGD {ROLES[t]}-I" for t in roles]
-        r = [[f"{ROLES[s]}-II"] + [cell_text(t2["fgsm"][s + "_ii"][t]) for t in roles]
-             + [cell_text(t2["pgd"][s + "_ii"][t]) for t in roles] for s in roles]
+        header = ["source \\ target"] + [f"{a.upper()} {ROLES[t]}-I" for a in t2 for t in roles]
+        r = [[f"{ROLES[s]}-II"] + [cell_text(t2[a][s + "_ii"][t]) for a in t2 for t in roles] for s in roles]
         rows["table2"] = (header, r)
     if result.get("comparisons"):
         rows["comparisons"] = (["comparison (A − B)", "Δ points", "95 % CI", "only A / only B right",

@@ -22,7 +22,7 @@ from .checkpoint import build_model, file_hash, load_checkpoint, load_weights, m
 from .config import ANN_SCHEDULE, FINETUNE_STEPS, check_cross, check_positive, resolve_device
 from .data import DATASETS, batches, load_dataset, to_float
 from .errors import CheckpointError, Interrupted, SnnadvError
-from .evaluate import accuracy
+from .evaluation import accuracy
 from .models import ANN, get_spec
 from .surrogates import make_surrogate
 from .outputs import Outputs, checkpoint_paths, guarded, replacing, write_json

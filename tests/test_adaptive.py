@@ -1,4 +1,4 @@
-"""Adaptive attacks (snnadv.adaptive): EOT, gradient paths, worst case, library attacks,
+"""Adaptive attacks (snnadv.attacks.suite, snnadv.adaptive): EOT, gradient paths, worst case, library attacks,
 accuracy vs eps, masking flags, ``snnadv evaluate``.
 
 One tiny pipeline (ANN -> SNN-conv -> SNN-BP, T = 8) is trained per module; the
@@ -15,11 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from snnadv.adaptive import (EvalSettings, correct_matrix, evaluate_model, find_proxy, parse_eps_list, pgd_attack,
-                             resolve_paths, sanity_flags, worst_case)
+from snnadv.adaptive import find_proxy
+from snnadv.attacks.settings import EvalSettings, parse_eps_list, resolve_paths
+from snnadv.attacks.suite import correct_matrix, evaluate_model, pgd_attack, worst_case
 from snnadv.data import load_split, to_float
 from snnadv.errors import SnnadvError
-from snnadv.gradients import SNN_PATHS, AttackSurrogate, RateGradient, make_gradient
+from snnadv.gradients import AttackSurrogate, RateGradient, make_gradient
+from snnadv.masking import sanity_flags
+from snnadv.registry import GRADIENTS
 from snnadv.models import SNN, get_spec
 from snnadv.surrogates import FastSigmoid, LinearSurrogate, SpikeTime, make_surrogate
 
@@ -150,7 +153,7 @@ def test_paths_and_settings_validation(ann_model):
     assert "bptt-stdb" in resolve_paths(small_snn(), "alg1,bptt-stdb")
     assert resolve_paths(snn, "rate,alg1,rate") == ["rate", "alg1"]
     assert resolve_paths(ann_model, "all") == ["autograd"]
-    assert set(SNN_PATHS) >= set(resolve_paths(snn, "all"))
+    assert set(GRADIENTS) >= set(resolve_paths(snn, "all"))
     for bad in ("alg2", "", "alg1,foo"):
         with pytest.raises(SnnadvError):
             resolve_paths(snn, bad)
@@ -220,7 +223,7 @@ def test_full_suite_on_snn_bp(bp_model, data, tmp_path, observed):
              + ", ".join(f"{row['label']}/{row['path']} {row['acc'][0]['mean']:.1f}" for row in r["rows"])
              + f", worst over paths {r['worst_paths'][0]['mean']:.1f}, worst case {r['worst_case'][0]['mean']:.1f}")
     from snnadv.adaptive import evaluate_markdown
-    from snnadv.report import write_json
+    from snnadv.outputs import write_json
 
     write_json(tmp_path / "r.json", r)
     assert json.loads((tmp_path / "r.json").read_text())["rows"]

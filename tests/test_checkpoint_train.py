@@ -15,7 +15,7 @@ from snnadv.checkpoint import file_hash, load_checkpoint, save_checkpoint
 from snnadv.config import resolve
 from snnadv.data import load_dataset
 from snnadv.errors import CheckpointError, SnnadvError, TrainingError
-from snnadv.evaluate import accuracy
+from snnadv.evaluation import accuracy
 from snnadv.models import ANN, ArchSpec, get_spec
 from snnadv.models.spec import tiny
 from snnadv.train import train_ann

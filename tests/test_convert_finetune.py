@@ -20,7 +20,7 @@ from snnadv.conversion import TopK, balance_thresholds, spiking_layers
 from snnadv.convert import convert
 from snnadv.data import load_dataset
 from snnadv.errors import CheckpointError, SnnadvError
-from snnadv.evaluate import accuracy
+from snnadv.evaluation import accuracy
 from snnadv.models import SNN, get_spec
 from snnadv.train import finetune
 

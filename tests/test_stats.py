@@ -65,7 +65,7 @@ def test_compare_and_accuracy_stats():
 
 # --------------------------------------------------------------------------- per-sample accuracies
 def test_accuracy_on_keeps_per_sample_correctness():
-    from snnadv.evaluate import accuracy_on, decode_correct
+    from snnadv.evaluation import accuracy_on, decode_correct
     from snnadv.models import ANN, SNN
     from snnadv.models.spec import get_spec
 
@@ -86,7 +86,7 @@ def test_accuracy_on_keeps_per_sample_correctness():
 
 # --------------------------------------------------------------------------- tables and the paper
 def _cell(bits: list[int]) -> dict:
-    from snnadv.evaluate import encode_correct
+    from snnadv.evaluation import encode_correct
 
     c = torch.tensor([bits], dtype=torch.bool)
     return {**stats.accuracy_stats(c.numpy()), "correct": encode_correct(c)}

@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import torch
 
-from ..attacks import check_eps, make_attack, parse_eps
+from ..attacks import check_eps, make_attack, parse_eps, takes
+from ..config import STAGES as CONFIG_STAGES
 from ..data import load_split, to_float
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
 from ..gradients import make_gradient
 from ..neurons import LIF, RESETS
+from ..registry import ATTACKS
 from ..report import Reporter
 from .common import int_list, recorded_settings, run_dir, table, versions, write_outputs
 
@@ -122,11 +124,11 @@ def perturbation_analysis(cfg: dict, reporter: Reporter | None = None) -> dict:
     reset = cfg.get("reset") or "zero"
     if reset not in RESETS:
         raise SnnadvError(f"unknown reset '{reset}' (choose subtract or zero)")
-    attack_name = str(cfg.get("attack") or "pgd").lower()
-    if attack_name not in ("fgsm", "pgd"):
-        raise SnnadvError(f"unknown attack '{attack_name}' (choose fgsm or pgd)")
+    attack_name = str(cfg.get("attack") or CONFIG_STAGES["analyze"]["attack"]).lower()
+    if attack_name not in ATTACKS:
+        raise SnnadvError(ATTACKS.unknown(attack_name))
     eps, alpha, steps = parse_eps(cfg["eps"]), parse_eps(cfg["alpha"]), int(cfg["steps"])
-    check_eps(eps, alpha if attack_name == "pgd" else None, steps)
+    check_eps(eps, alpha if takes(attack_name, "alpha") else None, steps)
     index, seed = int(cfg.get("image") or 0), int(cfg.get("seed") or 0)
     if index < 0:
         raise SnnadvError(f"--image must be >= 0, got {index}")

@@ -45,14 +45,15 @@ import torch
 
 from .. import robustness as rob
 from .. import train as train_mod
-from ..attacks import check_eps, make_attack, parse_eps
+from ..attacks import check_eps, craft, make_attack, parse_eps, takes
 from ..checkpoint import build_model, file_hash, load_checkpoint, save_checkpoint
-from ..config import FINETUNE_STEPS, keyed, resolve, resolve_device, result_settings, settings_key
+from ..config import FINETUNE_STEPS, STAGES, keyed, resolve, resolve_device, result_settings, settings_key
 from ..data import load_split, to_float
 from ..errors import CheckpointError, SnnadvError
-from ..evaluate import accuracy_on
+from ..evaluation import accuracy_on
 from ..gradients import make_gradient
 from ..outputs import write_json
+from ..registry import ATTACKS
 from ..report import Reporter
 from .common import (abs_path, bits_label, bits_list, choice_list, int_list, leak_list, recorded_settings, run_dir,
                      table, versions, write_outputs)
@@ -62,7 +63,6 @@ MODELS = ("snn-bp", "snn-conv")
 KEYS = ("checkpoint", "source_ckpt", "ann_ckpt", "model", "timesteps", "bits", "leaks", "attacks", "eps",
         "alpha", "steps", "random_start", "eval_draws", "epochs", "lr", "surrogate", "scale", "data_dir",
         "dataset", "seed", "batch_size", "train_subset", "test_subset")
-ATTACKS = ("fgsm", "pgd")
 LABEL = {"snn-bp": "SNN-BP", "snn-conv": "SNN-conv", "ann": "ANN"}
 #: fine-tuning settings that do not change the fine-tuned weights (left out of the match,
 #: besides the volatile ones of snnadv.config)
@@ -96,7 +96,7 @@ def _parse(cfg: dict, name: str) -> dict:
     model = str(cfg.get("model") or "snn-bp").lower()
     if model not in MODELS:
         raise SnnadvError(f"unknown model '{model}' (choose {', '.join(MODELS)})")
-    p = {"model": model, "attacks": choice_list(cfg.get("attacks") or "fgsm,pgd", "attacks", ATTACKS)}
+    p = {"model": model, "attacks": choice_list(cfg.get("attacks") or STAGES["analyze"]["attacks"], "attacks", ATTACKS)}
     p["timesteps"] = int_list(cfg["timesteps"], "timesteps") if cfg.get("timesteps") is not None else None
     if name == "timesteps":
         p["bits"] = bits_list(cfg.get("bits"), "bits", [2, 4])
@@ -105,7 +105,7 @@ def _parse(cfg: dict, name: str) -> dict:
         p["bits"] = bits_list(cfg.get("bits"), "bits", ["none"])
         p["leaks"] = leak_list(cfg.get("leaks"), "leaks", [1.0, 0.99, 0.98, 0.95])
     eps, alpha, steps = parse_eps(cfg["eps"]), parse_eps(cfg["alpha"]), int(cfg["steps"])
-    p["warnings"] = check_eps(eps, alpha if "pgd" in p["attacks"] else None, steps)
+    p["warnings"] = check_eps(eps, alpha if any(takes(a, "alpha") for a in p["attacks"]) else None, steps)
     p.update(eps=eps, alpha=alpha, steps=steps, random_start=bool(cfg.get("random_start")))
     p["eval_draws"] = int_list(cfg.get("eval_draws"), "eval-draws", [1])[0]
     for key in ("epochs", "lr", "scale"):
@@ -182,7 +182,7 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
                                   make_gradient(source), False, gen)
                 with reporter.progress(f"crafting {a} on the source ANN ({bits_label(bits)}-bit input)",
                                        len(images)) as adv:
-                    sets[a] = rob.craft(atk, images, labels, cfg["batch_size"], adv)
+                    sets[a] = craft(atk, images, labels, cfg["batch_size"], adv)
             cache[("adv", bits)] = sets
         return cache[("adv", bits)]
 
@@ -294,9 +294,9 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
                      "eps": p["eps"], "alpha": p["alpha"], "steps": p["steps"], "eval_draws": p["eval_draws"]},
         "inputs": {"checkpoint": conv_info, "source": src_info, "ann": ann_info},
         "versions": versions(),
-        "notes": [f"Blackbox: FGSM/PGD crafted on the source ANN {src_path.name} with the same input "
-                  f"quantisation, eps={p['eps']:.4f}" + (f", PGD alpha={p['alpha']:.4f}, {p['steps']} steps"
-                                                         if "pgd" in p["attacks"] else "") + ".",
+        "notes": [f"Blackbox: {'/'.join(a.upper() for a in p['attacks'])} crafted on the source ANN {src_path.name} "
+                  f"with the same input quantisation, eps={p['eps']:.4f}"
+                  + (f", PGD alpha={p['alpha']:.4f}, {p['steps']} steps" if "pgd" in p["attacks"] else "") + ".",
                   ("SNN-BP: fine-tuned from the same converted network at every setting."
                    if p["model"] == "snn-bp" else "SNN-conv: the converted network evaluated at every setting."),
                   *([ann_note] if ann_note else [])],

@@ -17,6 +17,7 @@ import statistics
 import torch
 
 from .data import Split, to_float
+from .encoding import encoder_seed
 from .models import SNN
 
 
@@ -69,19 +70,16 @@ def correctness(model, images: torch.Tensor, labels: torch.Tensor, batch_size: i
     rows = []
     try:
         for s in _draw_seeds(seed, draws if snn else 1):
-            if snn:
-                model.encoder.generator = torch.Generator(device=images.device).manual_seed(s)
             hits = []  # stays on the device: no host sync per batch
-            for i in range(0, len(images), batch_size):
-                x, y = images[i:i + batch_size], labels[i:i + batch_size]
-                out = model(x, num_steps) if snn else model(x)
-                hits.append(out.argmax(1) == y)
-                if advance:
-                    advance(len(y))
+            with encoder_seed(model, s if snn else None, images.device):
+                for i in range(0, len(images), batch_size):
+                    x, y = images[i:i + batch_size], labels[i:i + batch_size]
+                    out = model(x, num_steps) if snn else model(x)
+                    hits.append(out.argmax(1) == y)
+                    if advance:
+                        advance(len(y))
             rows.append(torch.cat(hits).cpu() if hits else torch.zeros(0, dtype=torch.bool))
     finally:
-        if snn:
-            model.encoder.generator = None
         model.train(was_training)
     return torch.stack(rows)
 

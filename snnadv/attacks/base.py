@@ -1,0 +1,168 @@
+"""The attack base, the eps-ball projection and the attack factory (paper Sec. 2.1).
+
+torchattacks' calling convention::
+
+    attack = PGD(model, eps=8/255, alpha=2/255, steps=7, random_start=False)
+    x_adv = attack(images, labels)
+
+An attack is a subclass of :class:`Attack` that overrides ``forward(images, labels)``
+(``forward(images, labels, target_labels)`` if it can be targeted) and registers its
+name with ``@register_attack("name")``; :func:`make_attack` builds any registered
+attack by name.  Images are in [0, 1]; any normalisation lives inside the model.
+Attacks are untargeted unless ``targeted=True``, in which case ``attack(images,
+labels, target_labels)`` moves towards the given targets (they are really used, unlike
+the original code).  Every attack ends its steps with :func:`project`, so every
+adversarial image lies in [0, 1] and within the L-inf eps-ball of its clean image.
+The gradient comes from a swappable source (:mod:`snnadv.gradients`): autograd for an
+ANN, Algorithm 1 or BPTT for an SNN.  The model is put in eval mode while attacking
+and returned to the mode it was in.
+
+Large T.  On a GPU, an SNN's gradient is taken in pieces of the batch when the whole
+batch would not fit the free memory by the estimate of :mod:`snnadv.memory` (BPTT at
+T=2500 keeps ~0.4 MB per image and step); the loss is a sum over images, so the
+pieces' gradients are the batch's gradient (with the encoder's draws in a different
+order).  On a CPU the batch is never split.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import SnnadvError
+from ..gradients import make_gradient
+from ..registry import ATTACKS
+
+
+def project(x: torch.Tensor, images: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip ``x`` to the L-inf ball of radius ``eps`` around ``images``, then to [0, 1]."""
+    return torch.min(torch.max(x, images - eps), images + eps).clamp(0.0, 1.0)
+
+
+def check_eps(eps: float, alpha: float | None = None, steps: int | None = None) -> list[str]:
+    """Validate attack settings; returns warnings (alpha > eps)."""
+    if not 0.0 <= eps <= 1.0:
+        raise SnnadvError(f"eps must be in [0, 1] (pixel scale), got {eps:g}")
+    if steps is not None and steps < 1:
+        raise SnnadvError(f"steps must be at least 1, got {steps}")
+    warnings = []
+    if alpha is not None:
+        if alpha <= 0:
+            raise SnnadvError(f"alpha must be positive, got {alpha:g}")
+        if alpha > eps:
+            warnings.append(f"alpha {alpha:g} > eps {eps:g}: each step overshoots the eps-ball")
+    return warnings
+
+
+class Attack:
+    """Base: holds the model, eps, the gradient source and the target mode."""
+
+    name = "attack"
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, gradient=None, targeted: bool = False):
+        check_eps(eps)
+        self.model, self.eps, self.targeted = model, float(eps), targeted
+        self.gradient = gradient or make_gradient(model)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 target_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.targeted and target_labels is None:
+            raise SnnadvError(f"targeted {self.name} needs target labels")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            images = images.detach()
+            if target_labels is None:  # an untargeted attack may define forward(images, labels) only
+                return self.forward(images, labels).detach()
+            return self.forward(images, labels, target_labels).detach()
+        finally:
+            self.model.train(was_training)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                target_labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """:func:`project` with this attack's eps."""
+        return project(x, images, self.eps)
+
+    def step_direction(self, x: torch.Tensor, labels, target_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sign of the loss gradient, uphill (untargeted) or towards the targets; the
+        logits that came with it)."""
+        if self.targeted:
+            grad, logits = self.input_gradient(x, target_labels)
+            return -grad.sign(), logits
+        grad, logits = self.input_gradient(x, labels)
+        return grad.sign(), logits
+
+    def input_gradient(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient source's (dJ/dx, logits), in pieces of the batch where it would not fit."""
+        piece = self.piece_size(x)
+        if piece >= len(x):
+            return self.gradient(x, labels)
+        parts = [self.gradient(x[i:i + piece], labels[i:i + piece]) for i in range(0, len(x), piece)]
+        return torch.cat([g for g, _ in parts]), torch.cat([z for _, z in parts])
+
+    def piece_size(self, x: torch.Tensor) -> int:
+        """Images per gradient call: the whole batch, unless an SNN's gradient at its T
+        would not fit the device's free memory (:func:`snnadv.memory.free_bytes`)."""
+        from .. import memory
+        from ..models import SNN
+
+        budget = memory.free_bytes(x.device)
+        if budget is None or not isinstance(self.model, SNN):
+            return len(x)
+        kind = "alg1" if getattr(self.gradient, "name", "").startswith("alg1") else "bptt"
+        return memory.max_batch(self.model, len(x), self.model.num_steps, kind, budget)
+
+
+def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, advance=None,
+          target_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial versions of ``images`` (float [0, 1]), batch by batch."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        t = None if target_labels is None else target_labels[i:i + batch_size]
+        out.append(attack(images[i:i + batch_size], labels[i:i + batch_size], t))
+        if advance:
+            advance(len(out[-1]))
+    return torch.cat(out)
+
+
+def _accepted(cls, settings: dict) -> dict:
+    """The ``settings`` that ``cls``'s constructor takes (all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(settings)
+    return {k: v for k, v in settings.items() if k in params}
+
+
+def takes(name: str, setting: str) -> bool:
+    """Whether the attack registered as ``name`` takes ``setting`` (e.g. ``alpha``)."""
+    return setting in _accepted(ATTACKS[name], {setting: None})
+
+
+def make_attack(name: str, model, eps: float, alpha: float = 2 / 255, steps: int = 7,
+                random_start: bool = False, gradient=None, targeted: bool = False, generator=None,
+                **options) -> Attack:
+    """The attack registered as ``name`` (:data:`snnadv.registry.ATTACKS`), given the
+    settings its class takes (FGSM takes none of alpha, steps, random_start, generator);
+    an unknown name is the registry's one-line error."""
+    cls = ATTACKS[name]
+    settings = dict(eps=eps, alpha=alpha, steps=steps, random_start=random_start, gradient=gradient,
+                    targeted=targeted, generator=generator, **options)
+    return cls(model, **_accepted(cls, settings))
+
+
+def parse_eps(text) -> float:
+    """'8/255', '0.03' or a number -> float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        if "/" in str(text):
+            num, den = str(text).split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise SnnadvError(f"cannot read '{text}' as a number (e.g. 8/255 or 0.031)") from None
