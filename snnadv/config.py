@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from .errors import SnnadvError
-from .lists import parse_list  # noqa: F401  (the one list parser, used here and re-exported)
+from .values import PRECISIONS, parse_list, parse_precision  # noqa: F401  (shared with the core)
 from .registry import ARCHITECTURES, ATTACKS, GRADIENTS, NEURONS, SURROGATES
 
 #: settings every stage accepts (the one CLI convention)
@@ -229,22 +229,6 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
     return out
-
-
-#: how synaptic layers run: fp32, or bf16 autocast (membranes stay fp32)
-PRECISIONS = ("fp32", "bf16")
-
-
-def parse_precision(value, several: bool = False) -> list[str]:
-    """``fp32`` | ``bf16`` as a one-item list; with ``several`` (the bench: a row each) also
-    ``"fp32,bf16"`` or a list.  Names in order, without repeats; anything else is a
-    one-line error."""
-    names = [str(v).strip() for v in parse_list(value, "precision")] if several else [value]
-    for n in names or [""]:  # (no name at all is an unknown one)
-        if n not in PRECISIONS:
-            choices = "fp32, bf16 or fp32,bf16" if several else "fp32 or bf16"
-            raise SnnadvError(f"unknown precision '{n}' (choose {choices})")
-    return list(dict.fromkeys(names))
 
 
 # --------------------------------------------------------------------------- the typed schema

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from .data import Split, to_float
+from .batching import Split, to_float
 from .encoding import encoder_seed
 from .models import SNN
 

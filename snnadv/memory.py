@@ -28,15 +28,14 @@ estimate fits a budget; a training stage must keep its batch (the batch is part 
 the recipe), an attack or an evaluation is split into pieces of that batch.  When
 nothing fits it raises :class:`~snnadv.errors.SnnadvError` with the estimate.
 
-``python -m snnadv.memory`` (or ``snnadv doctor --memory``) prints the plan of every
-stage of the paper configs on an 80 GiB budget (one H100/H200 80 GB-class GPU).
+``snnadv doctor --memory`` prints the plan of every stage of the paper configs on an
+80 GiB budget (one H100/H200 80 GB-class GPU; :func:`snnadv.doctor.paper_plan`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -225,81 +224,3 @@ def _profile(spec: ArchSpec, kind: str, precision: str) -> Profile:
         with torch.random.fork_rng(devices=[]):
             _PROFILES[key] = measure(spec, kind, precision)
     return _PROFILES[key]
-
-
-#: the stages of a paper config, as (stage, kind, the config's stage for batch and T,
-#: which T): conversion and the table's SNN-conv run at the conversion T, fine-tuning
-#: and the SNN-BP attacks at the fine-tuning T
-PAPER_STAGES = [
-    ("train-ann", "ann-train", "train-ann", None),
-    ("convert (balance, curve)", "infer", "convert", "convert"),
-    ("finetune (BPTT)", "snn-train", "finetune", "finetune"),
-    ("table: SNN-conv clean", "infer", "table", "convert"),
-    ("table: attack SNN-conv, alg1", "alg1", "table", "convert"),
-    ("table: attack SNN-conv, bptt", "bptt", "table", "convert"),
-    ("table: attack SNN-BP, alg1", "alg1", "table", "finetune"),
-    ("table: attack SNN-BP, bptt", "bptt", "table", "finetune"),
-]
-
-PAPER_CONFIGS = ("vgg5_cifar10", "resnet20_cifar10", "vgg11_cifar100")
-
-
-def paper_plan(budget: int = 80 * GiB, precision: str = "fp32", configs=PAPER_CONFIGS,
-               config_dir: Path | None = None) -> list[dict]:
-    """One row per paper config and stage: T, asked batch, chosen batch x pieces, chunk,
-    estimated peak (or why nothing fits)."""
-    from .config import FINETUNE_STEPS, resolve
-    from .data import DATASETS
-    from .models import get_spec
-
-    config_dir = config_dir or Path(__file__).resolve().parents[1] / "configs"
-    rows = []
-    for name in configs:
-        path = config_dir / f"{name}.toml"
-        ann = resolve("train-ann", path)
-        spec = get_spec(ann["arch"], DATASETS[ann["dataset"]])
-        steps = {"convert": resolve("convert", path)["timesteps"],
-                 "finetune": resolve("finetune", path)["timesteps"] or FINETUNE_STEPS[ann["arch"]]}
-        for label, kind, stage, which in PAPER_STAGES:
-            cfg = resolve(stage, path)
-            T = steps[which] if which else 1
-            batch = cfg["batch_size"]
-            row = {"config": name, "arch": spec.arch, "stage": label, "kind": kind, "timesteps": T,
-                   "batch_asked": batch, "precision": precision}
-            try:
-                row.update(plan(_profile(spec, kind, precision if kind != "ann-train" else "fp32"), batch, T, budget))
-            except SnnadvError as e:
-                row["error"] = str(e)
-            rows.append(row)
-    return rows
-
-
-def format_plan(rows: list[dict], budget: int) -> str:
-    """The plan as a Markdown table."""
-    out = [f"Estimated peak memory per stage on a {budget / GiB:.0f} GiB budget "
-           f"({rows[0]['precision'] if rows else 'fp32'}; snnadv.memory)", "",
-           "| config | stage | T | batch | chosen batch x pieces | chunk | peak GiB |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['config']} | {r['stage']} | {r['timesteps']} | {r['batch_asked']} | does not fit | "
-                       f"- | {r['error']} |")
-        else:
-            out.append(f"| {r['config']} | {r['stage']} | {r['timesteps']} | {r['batch_asked']} | "
-                       f"{r['batch']} x {r['pieces']} | {r['chunk']} | {r['peak_bytes'] / GiB:.1f} |")
-    return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m snnadv.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-gib", type=float, default=80.0)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    args = parser.parse_args(argv)
-    budget = int(args.budget_gib * GiB)
-    print(format_plan(paper_plan(budget, args.precision), budget))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import SnnadvError
 from ..evaluation import is_snn
 from ..gradients import DEFAULT_PATH
-from ..lists import parse_list
+from ..values import parse_list
 from ..registry import GRADIENTS
 from ..surrogates import make_surrogate
 from .base import check_eps, parse_eps

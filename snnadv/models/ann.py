@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import parse_precision
+from ..values import parse_precision
 from ..encoding import check_bits, normalize, quantize
 from .spec import Act, ArchSpec, AvgPool, Block, Conv, Dropout, Flatten, Linear
 

@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import parse_precision
+from ..values import parse_precision
 from ..encoding import RateEncoder
 from ..errors import SnnadvError
 from ..kernels.linear import linear
