@@ -28,7 +28,7 @@ from snnadv.errors import Interrupted, SnnadvError, SnnadvWarning
 from .analyze_cmd import analyze, report
 from .doctor_cmd import doctor
 from .evaluate_cmd import evaluate
-from .options import SURROGATE, common_options, flags
+from .options import ARCH, NEURON, SURROGATE, common_options, flags
 from .reproduce_cmd import reproduce
 from .robustness_cmds import attack, table
 
@@ -65,7 +65,7 @@ def cli():
 
 @cli.command("train-ann")
 @common_options
-@click.option("--arch", help="vgg5 | vgg11 | resnet20 | tiny (default vgg5).")
+@click.option("--arch", type=ARCH, help="A registered architecture (default vgg5).")
 @click.option("--epochs", type=int, help="Epochs (paper: 200 VGG5/ResNet20, 250 VGG11).")
 @click.option("--lr", type=float, help="Initial SGD learning rate (paper: 0.1 VGG, 0.05 ResNet20).")
 @click.option("--milestones", help="Epochs at which the lr is divided by 10, comma separated.")
@@ -91,7 +91,7 @@ def train_ann(**kw):
 @click.option("--scale", type=float, help="Threshold scale applied before fine-tuning (default 0.7).")
 @click.option("--balance", type=click.Choice(["all", "stem"]), help="Balance all spiking layers or only the non-residual stem.")
 @click.option("--curve", help="Timesteps at which to report accuracy, comma separated.")
-@click.option("--neuron", help="The registered neuron of the SNN (default lif, at leak 1: IF; plugins add more).")
+@click.option("--neuron", type=NEURON, help="The registered neuron of the SNN (default lif, at leak 1: IF).")
 def convert(**kw):
     """Convert an ANN to an SNN (SNN-conv) by threshold balancing."""
     from snnadv.config import resolve
@@ -131,7 +131,7 @@ for command in (attack, table, reproduce, analyze, report, evaluate, doctor):  #
 @common_options
 @click.option("--preset", type=click.Choice(["auto", "cpu", "paper", "tiny"]),
               help="auto (paper on CUDA, cpu otherwise) | cpu (small) | paper (T=100/2500) | tiny (smoke test).")
-@click.option("--arch", help="vgg5 | vgg11 | resnet20 | tiny (default: the preset's, vgg5).")
+@click.option("--arch", type=ARCH, help="A registered architecture (default: the preset's, vgg5).")
 @click.option("--timesteps", help="T of the SNN workloads: one number for all, or workload=T pairs, comma separated.")
 @click.option("--only", help="Workloads to run, comma separated: ann_train, snn_train, snn_infer, pgd.")
 @click.option("--iters", type=int, help="Timed iterations per workload (default: the preset's).")

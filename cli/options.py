@@ -6,7 +6,8 @@ import difflib
 
 import click
 
-from snnadv.registry import ATTACKS, GRADIENTS, SURROGATES
+from snnadv.registry import ARCHITECTURES, ATTACKS, GRADIENTS, NEURONS, SURROGATES
+from snnadv.values import parse_list
 
 #: option name -> its Click declaration, in the order ``--help`` lists them
 COMMON = {
@@ -61,7 +62,7 @@ class RegistryChoice(click.ParamType):
         return "[" + "|".join(self.choices()) + "]" + (",..." if self.several else "")
 
     def convert(self, value, param, ctx):
-        items = [v.strip() for v in str(value).split(",") if v.strip()] if self.several else [value]
+        items = parse_list(value) if self.several else [value]
         known = self.choices()
         for v in items:
             if v not in known:
@@ -77,6 +78,8 @@ class RegistryChoice(click.ParamType):
 
 
 #: the option types of registered names (attacks, gradient paths, surrogates)
+ARCH = RegistryChoice(ARCHITECTURES)
+NEURON = RegistryChoice(NEURONS)
 ATTACK = RegistryChoice(ATTACKS)
 GRADIENT = RegistryChoice(GRADIENTS)
 SURROGATE = RegistryChoice(SURROGATES)

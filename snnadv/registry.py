@@ -33,6 +33,7 @@ read.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 from collections.abc import Iterator, Mapping
@@ -160,17 +161,23 @@ def _qualname(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
+@functools.cache
+def _entry_point_plugins() -> tuple[tuple[str, str], ...]:
+    """(module, source) of the ``snnadv.plugins`` entry points, read once per process
+    (installed distributions do not change while it runs)."""
+    try:
+        from importlib.metadata import entry_points
+
+        return tuple((ep.value.split(":")[0], f"entry point '{ep.name}'") for ep in entry_points(group=PLUGIN_GROUP))
+    except Exception:  # noqa: BLE001 (broken distribution metadata must not break the package)
+        return ()
+
+
 def load_plugins() -> dict[str, str]:
     """Import every plugin module named by the ``snnadv.plugins`` entry points and by
     ``SNNADV_PLUGINS`` (once each); returns ``{module: source}``.  A plugin that fails
     to import raises :class:`RegistryError` naming it (one line)."""
-    wanted: list[tuple[str, str]] = []
-    try:
-        from importlib.metadata import entry_points
-
-        wanted += [(ep.value.split(":")[0], f"entry point '{ep.name}'") for ep in entry_points(group=PLUGIN_GROUP)]
-    except Exception:  # noqa: BLE001 (broken distribution metadata must not break the package)
-        pass
+    wanted = list(_entry_point_plugins())
     wanted += [(m.strip(), PLUGIN_ENV) for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
     for module, source in wanted:
         if module in _plugins_loaded:
