@@ -181,7 +181,7 @@ def train_ann(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     recipe = AnnRecipe.of(cfg)
     spec = get_spec(cfg["arch"], DATASETS.get(cfg["dataset"], 10))
     out, metrics_path = checkpoint_paths(cfg["out"], f"ann-{cfg['arch']}-{cfg['dataset']}-s{cfg['seed']}")
-    outputs.claim([out, metrics_path, partial_path(out)], cfg, resumable=True)
+    outputs.claim([out, metrics_path, partial_path(out)], cfg, resumable=True, replace=[out, partial_path(out)])
     device, train, test = _setup(cfg)
     resume = _resume_state(out, cfg, "ann", cfg["arch"])
     steps_per_epoch = math.ceil(len(train) / cfg["batch_size"])
@@ -231,7 +231,7 @@ def finetune(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | Non
     cfg = {**cfg, "dataset": parent["dataset"], "timesteps": cfg["timesteps"] or FINETUNE_STEPS.get(arch, 100)}
     out, metrics_path = checkpoint_paths(cfg["out"], f"snn-bp-{arch}-{cfg['dataset']}-s{cfg['seed']}")
     outputs.claim([out, metrics_path, partial_path(out)], cfg, inputs={"--checkpoint": cfg["checkpoint"]},
-                  resumable=True)
+                  resumable=True, replace=[out, partial_path(out)])
     scale = cfg["scale"] if cfg["scale"] is not None else (
         parent["model"].get("finetune_scale", 1.0) if parent["stage"] == "snn-conv" else 1.0)
     device, train, test = _setup(cfg)
