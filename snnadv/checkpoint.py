@@ -49,7 +49,7 @@ from .models import ANN, SNN, ArchSpec
 from .models.spec import _KIND
 from .registry import NEURONS, SURROGATES
 from .surrogates import make_surrogate, surrogate_from_dict, surrogate_to_dict
-from .outputs import atomic_target
+from .atomic import atomic_target
 
 FORMAT = "snnadv-checkpoint"
 FORMAT_VERSION = 1

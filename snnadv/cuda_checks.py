@@ -27,7 +27,7 @@ def _inputs(T, N, dtype, seed=0):
 
 
 def _run(backend, cur, mem0, dt0, grad, leak, hard, surrogate):
-    from snnadv.kernels.scan import lif_scan
+    from snnadv.kernels import lif_scan
 
     c, m = cur.clone().requires_grad_(True), mem0.clone().requires_grad_(True)
     spk, mem, dt = lif_scan(c, m, dt0, leak, 1.0, hard, surrogate, backend=backend)
@@ -75,7 +75,7 @@ def test_triton_more_than_2_31_elements():
     last neurons (whose offsets pass 2^31) are checked against the PyTorch scan run
     on those columns alone."""
     from snnadv.kernels import scan
-    from snnadv.kernels.scan import lif_scan
+    from snnadv.kernels import lif_scan
     from snnadv.surrogates import make_surrogate
 
     T, N = 513, 2 ** 22  # 2,151,677,952 elements

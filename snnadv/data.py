@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from snnadv.errors import DataError, SnnadvWarning
-from snnadv.outputs import atomic_target
+from snnadv.atomic import atomic_target
 
 __all__ = [
     "DATASETS",

@@ -102,7 +102,7 @@ def check_triton(device: torch.device) -> dict:
     """On CUDA: the Triton kernels (forced, so a failure is an error) against the PyTorch
     scan at an awkward size, fp32 and bf16; ``ran`` says what actually executed."""
     from .errors import SnnadvError
-    from .kernels.scan import lif_scan
+    from .kernels import lif_scan
     from .surrogates import make_surrogate
 
     if device.type != "cuda":

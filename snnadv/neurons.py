@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import SnnadvError
-from .kernels.scan import lif_scan
+from .kernels import lif_scan
 from .registry import register_neuron
 from .surrogates import SpikeTime, Surrogate, from_snntorch
 
@@ -307,7 +307,7 @@ class LIF(Neuron, snn.Leaky):
         """Spikes [T, B, ...] for input currents [T, B, ...]; state carried over.
 
         Same dynamics and gradients as T calls of :meth:`forward`, computed by
-        :func:`snnadv.kernels.scan.lif_scan` (one fused recurrence per layer).
+        :func:`snnadv.kernels.lif_scan` (one fused recurrence per layer).
         """
         if self.surrogate is None:
             fn = getattr(self.spike_grad, "__qualname__", repr(self.spike_grad)).split(".<locals>")[0]

@@ -42,10 +42,11 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
+from .atomic import atomic_target, atomic_write_text, write_json  # noqa: F401  (the writer of every output)
 from .errors import SnnadvError
 
 
@@ -320,46 +321,3 @@ def replacing(stale: list):
             return out
         return run
     return wrap
-
-
-# --------------------------------------------------------------------------- atomic writes
-@contextmanager
-def atomic_target(path: str | os.PathLike, suffix: str = ".tmp"):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    An error or Ctrl-C inside the block removes the temporary file and leaves any
-    existing ``path`` untouched (used for checkpoints, JSON, Markdown, CSV, figures).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid in the name: an orphan (the writer was killed) is recognised and removed
-    # by the next run that claims this output (:func:`remove_orphans`)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_target(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(text)
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)

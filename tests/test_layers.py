@@ -26,7 +26,7 @@ CORE = ("neurons", "surrogates", "kernels", "encoding", "models", "conversion", 
         "evaluation", "stats", "registry", "errors", "batching", "values", "masking", "memory")
 #: the experiment layer: configs, files, printing, the stages and the command line
 EXPERIMENT = ("config", "checkpoint", "outputs", "report", "data", "train", "convert", "robustness", "adaptive",
-              "reproduce", "analysis", "bench", "doctor", "cuda_checks", "runtime", "paper", "cli")
+              "reproduce", "analysis", "bench", "doctor", "cuda_checks", "runtime", "paper", "atomic", "cli")
 
 #: what the core must not do: calls, attributes and imports
 FORBIDDEN_CALLS = ("print", "open")

@@ -28,7 +28,8 @@ COMPARE = textwrap.dedent('''
     import itertools, json, sys
     import torch
     from snnadv.kernels import scan
-    from snnadv.kernels.scan import _LIFScan, lif_scan
+    from snnadv.kernels import lif_scan
+    from snnadv.kernels.scan import _LIFScan
     from snnadv.kernels.triton_scan import TritonLIFScan
     from snnadv.surrogates import FastSigmoid, LinearSurrogate, SpikeTime
 
@@ -223,6 +224,7 @@ def test_the_comparison_fails_when_the_kernel_does_not_run(monkeypatch, capsys):
     forced Triton backend (strict) stops with an error."""
     pytest.importorskip("triton", reason="Triton is not installed: the Triton scan cannot run")
     from snnadv.errors import SnnadvError
+    from snnadv import kernels
     from snnadv.kernels import scan, triton_scan
 
     def fail(*args, **kwargs):
@@ -240,7 +242,7 @@ def test_the_comparison_fails_when_the_kernel_does_not_run(monkeypatch, capsys):
         _check(capsys.readouterr().out.splitlines())
     before = scan.RUNS.copy()
     with pytest.raises(SnnadvError, match="Triton LIF scan failed in forward"):
-        scan.lif_scan(torch.rand(3, 8), torch.zeros(8), torch.full((8,), 1000.0), 0.9, 1.0, False,
+        kernels.lif_scan(torch.rand(3, 8), torch.zeros(8), torch.full((8,), 1000.0), 0.9, 1.0, False,
                       namespace["SpikeTime"](), backend="triton")
     assert scan.runs_since(before) == {"forward:triton-failed": 1}
 

@@ -49,7 +49,7 @@ and a gradient is needed; plus mem0 and dt0 (one frame).  Eq. 4 needs no membran
 
 Tested against :mod:`snnadv.kernels.scan` in ``tests/test_triton_scan.py``: under the
 Triton interpreter on the CPU (``TRITON_INTERPRET=1``) and on a CUDA GPU when one is
-present.  :func:`snnadv.kernels.scan.lif_scan` dispatches here on CUDA (importing this
+present.  :func:`snnadv.kernels.lif_scan` dispatches here on CUDA (importing this
 module only then; this module imports the scan, and the surrogates, never a neuron).
 """
 
