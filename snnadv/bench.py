@@ -202,7 +202,10 @@ def spikingjelly():
         from spikingjelly import activation_based as sj
         from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: F401
     except ImportError as e:
-        return None, f"not installed ({e}; pip install -e \".[peers]\")"
+        how = 'pip install -e ".[peers]" && pip install --no-deps "spikingjelly>=2.0"'
+        if (e.name or "spikingjelly").split(".")[0] == "spikingjelly":
+            return None, f"not installed ({e}; {how})"
+        return None, f"not importable ({e}: one of its dependencies is missing; {how})"
     except Exception as e:  # a broken install (e.g. a missing dependency of a submodule)
         return None, f"not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     v = spikingjelly_version()

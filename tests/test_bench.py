@@ -229,7 +229,7 @@ def test_bench_without_spikingjelly(monkeypatch):
 
     from snnadv.report import Reporter
 
-    why = 'not installed (No module named \'spikingjelly\'; pip install -e ".[peers]")'
+    why = 'not installed (No module named \'spikingjelly\'; pip install -e ".[peers]" && pip install --no-deps spikingjelly)'
     monkeypatch.setattr(bench_module, "spikingjelly", lambda: (None, why))
     buf = StringIO()
     r = run_bench({"preset": "tiny", "device": "cpu", "only": "snn_infer"},
