@@ -11,6 +11,10 @@ setup(
     package_dir={"snnadv.cli": "cli"},
     install_requires=["torch>=2.2", "torchvision>=0.17", "snntorch>=0.9", "numpy", "scipy", "click>=8.1", "rich>=13"],
     extras_require={"dev": ["pytest>=7", "torchattacks>=3.5", "matplotlib>=3.7"],
-                    "plots": ["matplotlib>=3.7"], "attacks": ["torchattacks>=3.5"]},
+                    "plots": ["matplotlib>=3.7"], "attacks": ["torchattacks>=3.5"],
+                    # the SpikingJelly peer of `snnadv bench`: what its layers and neurons import;
+                    # SpikingJelly itself goes in with --no-deps (its wheel's dependencies would pull
+                    # torchaudio, tensorboard and more, and can replace torch: see the README)
+                    "peers": ["loguru>=0.7,<1"]},
     entry_points={"console_scripts": ["snnadv=snnadv.cli.main:main"]},
 )

@@ -15,7 +15,13 @@ multi-step path, :class:`~snnadv.models.SNN`) and ``snntorch``, the loop a typic
 snnTorch user writes (:class:`PlainSnnTorchNet`: ``snn.Leaky`` per layer, a Python
 loop over time, one frame through every layer per step) with the same weights and
 thresholds, so both compute the same function (``tests/test_bench.py`` checks that).
-The ratio of the two throughputs is the speed-up.
+The ratio of the two throughputs is the speed-up.  Where SpikingJelly is installed (the
+``peers`` extra, see the README), a third implementation, ``spikingjelly``, runs the same
+network written with SpikingJelly's multi-step layers and its fused LIF/IF neuron op
+(:class:`SpikingJellyNet`: its PyTorch implementation on a CPU, its fastest CUDA or
+Triton kernel on a GPU), in each precision asked for; ``speedup_vs_spikingjelly`` is
+snnadv's throughput over SpikingJelly's in the same precision.  Without it, one line
+says it is skipped and why, and its rows are absent.
 
 Each (workload, implementation) runs one untimed step that measures peak memory,
 then warm-up steps, then the timed steps (on CUDA the device is synchronised around
@@ -65,14 +71,14 @@ from .gradients import Autograd
 from .kernels import scan
 from .models import ANN, SNN, get_spec, record_spikes
 from .models.ann import BasicBlock, make_layer
-from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Linear
+from .models.spec import Act, ArchSpec, AvgPool, Block, Conv, Dropout, Flatten, Linear
 from .neurons import TimeDropout, reset_state
 from .outputs import Outputs, guarded, write_json
 from .report import Reporter
 from .training import make_optimizer
 
 WORKLOADS = ("ann_train", "snn_train", "snn_infer", "pgd")
-IMPLS = ("snnadv", "snntorch")
+IMPLS = ("snnadv", "snntorch", "spikingjelly")  # spikingjelly: where it is installed (the "peers" extra)
 
 #: per preset: the architecture and, per workload, batch, T, timed iterations, warm-up iterations
 PRESETS = {
@@ -173,11 +179,193 @@ class PlainSnnTorchNet(nn.Module):
 
     def forward(self, x: torch.Tensor, num_steps: int = 100) -> torch.Tensor:
         """Logits for images in [0, 1]: ``spikegen.rate`` frames, straight-through gradient."""
-        p = x.detach()
-        frames = spikegen.rate(p, num_steps=num_steps)
-        if x.requires_grad:
-            frames = frames + (x - p).unsqueeze(0)
-        return self.forward_frames(frames)
+        return self.forward_frames(rate_frames(x, num_steps))
+
+
+def rate_frames(x: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The peers' encoder: ``spikegen.rate`` frames [T, B, ...] of images in [0, 1] (the
+    global RNG's draws, as the SNN's encoder without a generator), straight-through gradient."""
+    p = x.detach()
+    frames = spikegen.rate(p, num_steps=num_steps)
+    if x.requires_grad:
+        frames = frames + (x - p).unsqueeze(0)
+    return frames
+
+
+# -- the peer: SpikingJelly's multi-step network ------------------------------------------
+@functools.cache
+def spikingjelly():
+    """``(spikingjelly.activation_based, None)`` where SpikingJelly is usable, else
+    ``(None, why not)``: one line, never an exception (it is an optional peer,
+    ``pip install -e ".[peers]"``)."""
+    try:
+        from spikingjelly import activation_based as sj
+        from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: F401
+    except ImportError as e:
+        how = 'pip install -e ".[peers]" && pip install --no-deps "spikingjelly>=2.0"'
+        if (e.name or "spikingjelly").split(".")[0] == "spikingjelly":
+            return None, f"not installed ({e}; {how})"
+        return None, f"not importable ({e}: one of its dependencies is missing; {how})"
+    except Exception as e:  # a broken install (e.g. a missing dependency of a submodule)
+        return None, f"not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    v = spikingjelly_version()
+    major = (v or "").split(".")[0]
+    if major.isdigit() and int(major) < 2:  # 0.0.0.0.x: another API (backend= per node)
+        return None, f"version {v}, the bench needs SpikingJelly >= 2.0"
+    return sj, None
+
+
+def spikingjelly_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("spikingjelly")
+    except Exception:  # not installed, or installed without metadata
+        return None
+
+
+class SpikingJellyNet(nn.Module):
+    """The network written with SpikingJelly (``spikingjelly.activation_based``) in its
+    multi-step mode (``step_mode="m"``: every layer takes all T frames [T, B, ...] at
+    once): ``layer.Conv2d`` / ``Linear`` / ``AvgPool2d`` / ``Flatten`` / ``Dropout``
+    (one mask per run, as :class:`~snnadv.neurons.TimeDropout`) and one neuron node per
+    spiking layer, reset by ``functional.reset_net`` before every run.
+
+    Same layer names as :class:`~snnadv.models.SNN`, so :meth:`load_from` copies its
+    weights; ``thresholds`` as :class:`PlainSnnTorchNet`'s.  Neurons (soft reset,
+    ``v_reset=None``; the reset carries no gradient, ``detach_reset=True``, as the SNN's):
+
+    * leak 1.0 (IF): ``neuron.IFNode``, ``H[t] = V[t-1] + X[t]``: the SNN's IF neuron exactly;
+    * leak lam < 1: ``neuron.LIFNode(tau=1 / (1 - lam), decay_input=False)``, whose charge
+      ``H[t] = V[t-1] - V[t-1] / tau + X[t]`` is ``lam * V[t-1] + X[t]``.  One convention
+      differs from snnTorch's (and the SNN's): SpikingJelly keeps the membrane *after*
+      the reset, ``V[t] = H[t] - thr * S[t]``, so the subtracted threshold is leaked
+      with it (``u[t] = lam * u[t-1] + I[t] - lam * thr * s[t-1]``, the SNN subtracts
+      ``thr * s[t-1]``); no setting of its LIF removes that, and a node written to do so
+      would leave SpikingJelly's fused LIF op, which is what this peer is here to time.
+      At leak 0.99 the two differ by 1 % of a threshold per spike
+      (``tests/test_bench.py`` checks the twin against both conventions).
+
+    Both fire at ``H >= thr`` (the SNN at ``u > thr``: the same unless a membrane lands
+    exactly on its threshold).  The neuron op is SpikingJelly's automatic choice: its
+    PyTorch implementation on a CPU, its CUDA or Triton kernel on a GPU
+    (:func:`spikingjelly_implementation`).  Surrogate: ``surrogate.SuperSpike(alpha=1)``,
+    ``1 / (1 + |u - thr|)^2``, which is snnadv's ``fast-sigmoid`` at slope 1 (the training
+    and attack backward differs from the SNN's Eq. 4 surrogate; the forward is identical).
+    ``precision="bf16"``: the synaptic layers under bf16 autocast, the neurons fed fp32
+    currents (membranes stay fp32, as the SNN's).  Output: the final layer's output
+    averaged over time.
+    """
+
+    def __init__(self, spec: ArchSpec, leak: float = 1.0, thresholds: dict[str, float] | None = None,
+                 surrogate_function=None, precision: str = "fp32"):
+        super().__init__()
+        sj, why = spikingjelly()
+        if sj is None:
+            raise SnnadvError(f"SpikingJelly is {why}")
+        from spikingjelly.activation_based import layer, neuron, surrogate
+
+        parse_precision(precision)
+        self.spec, self.leak, self.precision = spec, float(leak), precision
+        thresholds = thresholds or {}
+        sg = surrogate_function if surrogate_function is not None else surrogate.SuperSpike(alpha=1.0)
+        names = iter(spec.activations)
+
+        def node():
+            thr = float(thresholds.get(next(names), 1.0))
+            if self.leak == 1.0:
+                n = neuron.IFNode(v_threshold=thr, v_reset=None, surrogate_function=sg, detach_reset=True,
+                                  step_mode="m")
+            else:
+                n = neuron.LIFNode(tau=1.0 / (1.0 - self.leak), decay_input=False, v_threshold=thr, v_reset=None,
+                                   surrogate_function=sg, detach_reset=True, step_mode="m")
+            n.register_forward_pre_hook(_fp32_current)
+            return n
+
+        def make(l):
+            if isinstance(l, Conv):
+                return layer.Conv2d(l.cin, l.cout, l.k, l.stride, l.pad, bias=False, step_mode="m")
+            if isinstance(l, Linear):
+                return layer.Linear(l.fin, l.fout, bias=False, step_mode="m")
+            if isinstance(l, Act):
+                return node()
+            if isinstance(l, AvgPool):
+                return layer.AvgPool2d(l.k, step_mode="m")
+            if isinstance(l, Dropout):
+                return layer.Dropout(l.p, step_mode="m")
+            if isinstance(l, Flatten):
+                return layer.Flatten(step_mode="m")
+            if isinstance(l, Block):
+                return _SpikingJellyBlock(l, layer, node)
+            raise TypeError(f"unknown layer record {l!r}")
+
+        self._names = [l.name for l in spec.layers]
+        for l in spec.layers:  # a block builds act1 before act2: names stay in order
+            self.add_module(l.name, make(l))
+
+    @classmethod
+    def from_snn(cls, model: SNN, precision: str = "fp32", surrogate_function=None) -> "SpikingJellyNet":
+        """The SpikingJelly twin of an :class:`SNN`: same leak, thresholds and weights."""
+        net = cls(model.spec, model.leak, model.thresholds(), surrogate_function, precision)
+        net.load_from(model)
+        return net.to(next(model.parameters()).device)
+
+    def load_from(self, model: nn.Module) -> None:
+        """Copy the synaptic weights of an SNN (or ANN) built from the same spec."""
+        load_weights(self, model.state_dict(), f"{model.spec.arch} weights")
+
+    def forward_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Logits for input spike frames [T, B, C, H, W]: the output averaged over time."""
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(self)
+        h = frames
+        with torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            for name in self._names:
+                h = getattr(self, name)(h)
+        return h.float().mean(0)
+
+    def forward(self, x: torch.Tensor, num_steps: int = 100) -> torch.Tensor:
+        """Logits for images in [0, 1]: ``spikegen.rate`` frames, straight-through gradient."""
+        return self.forward_frames(rate_frames(x, num_steps))
+
+
+def _fp32_current(module, args):
+    """Forward pre-hook of a SpikingJelly neuron: its input current in fp32 (under bf16
+    autocast the synaptic layers give bf16, and the node would keep a bf16 membrane)."""
+    return tuple(a.float() if torch.is_tensor(a) and a.dtype != torch.float32 else a for a in args)
+
+
+class _SpikingJellyBlock(nn.Module):
+    """A residual basic block in SpikingJelly's multi-step layers (the names of
+    :class:`~snnadv.models.ann.BasicBlock`): act2(conv2(drop(act1(conv1 x))) + shortcut(x))."""
+
+    def __init__(self, b: Block, layer, node):
+        super().__init__()
+        self.conv1 = layer.Conv2d(b.cin, b.cout, 3, b.stride, 1, bias=False, step_mode="m")
+        self.act1 = node()
+        self.drop = layer.Dropout(b.p, step_mode="m")
+        self.conv2 = layer.Conv2d(b.cout, b.cout, 3, 1, 1, bias=False, step_mode="m")
+        self.shortcut = layer.Conv2d(b.cin, b.cout, 1, b.stride, 0, bias=False, step_mode="m") \
+            if b.projection else nn.Identity()
+        self.act2 = node()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.conv2(self.drop(self.act1(self.conv1(x)))) + self.shortcut(x))
+
+
+def spikingjelly_implementation(device: torch.device) -> str | None:
+    """Which implementation SpikingJelly's LIF and IF ops use on ``device`` (its own
+    report: ``torch-reference`` on a CPU; ``cuda``, ``triton`` or ``torch`` on a GPU)."""
+    if spikingjelly()[0] is None:
+        return None
+    from spikingjelly.activation_based import functional
+
+    try:
+        found = {n: functional.neuron_implementation(n, torch.device(device))["implementation"] for n in ("lif", "if")}
+    except Exception as e:  # no CUDA implementation at all: SpikingJelly says why
+        return f"unavailable ({str(e).splitlines()[0]})"
+    return found["lif"] if found["lif"] == found["if"] else ", ".join(f"{k}: {v}" for k, v in found.items())
 
 
 # -- counting: FLOPs and neurons per image per timestep -----------------------------------
@@ -341,8 +529,9 @@ def make_snn(spec: ArchSpec, weights: dict, thresholds: dict, leak: float, devic
 
 def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak: float, device,
                snn_options: dict | None = None) -> nn.Module:
-    """The SNN (``snnadv``; ``snn_options``: its ``precision`` and ``chunk_steps``) or its
-    plain snnTorch twin (``snntorch``, always fp32 step by step)."""
+    """The SNN (``snnadv``; ``snn_options``: its ``precision`` and ``chunk_steps``), its
+    plain snnTorch twin (``snntorch``, always fp32 step by step) or its SpikingJelly twin
+    (``spikingjelly``, multi-step, in the ``precision`` of ``snn_options``)."""
     model = make_snn(spec, weights, thresholds, leak, device)
     if impl == "snnadv":
         for k, v in (snn_options or {}).items():
@@ -351,6 +540,8 @@ def make_model(impl: str, spec: ArchSpec, weights: dict, thresholds: dict, leak:
         return model
     if impl == "snntorch":
         return PlainSnnTorchNet.from_snn(model)
+    if impl == "spikingjelly":
+        return SpikingJellyNet.from_snn(model, (snn_options or {}).get("precision") or "fp32")
     raise SnnadvError(f"unknown implementation '{impl}' (choose {', '.join(IMPLS)})")
 
 
@@ -606,13 +797,24 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         torch.manual_seed(seed)
         weights = {k: v for k, v in ANN(spec).state_dict().items()}  # He init, as a fresh ANN
         counts = count_spec(spec)
+        sj, sj_why = spikingjelly()
+        peers = {"snntorch": {"version": snn.__version__},
+                 "spikingjelly": {"available": sj is not None, "reason": sj_why, "version": spikingjelly_version(),
+                                  "implementation": spikingjelly_implementation(device),
+                                  "neurons": "IFNode (leak 1) / LIFNode(tau=1/(1-leak), decay_input=False), "
+                                             "v_reset=None, detach_reset=True, step_mode='m'"}}
         result = {"preset": preset, "arch": arch, "dataset": dataset, "num_classes": spec.num_classes,
-                  **_device_info(device), "load_avg_before": load_before,
+                  **_device_info(device), "load_avg_before": load_before, "peers": peers,
                   "snnadv_options": {"precision": ",".join(precisions), "chunk_steps": chunk,
-                                     "note": "the snntorch baseline and ann_train always run in fp32"},
+                                     "note": "the snntorch baseline and ann_train always run in fp32; "
+                                             "spikingjelly in each precision (bf16: autocast of its synaptic "
+                                             "layers, fp32 membranes)"},
                   "per_image_per_step": counts, "pgd": {"steps": PGD_STEPS, "eps": PGD_EPS, "alpha": PGD_ALPHA},
                   "snn_bp": {"leak": BP_LEAK, "threshold_scale": BP_SCALE, "surrogate_snnadv": "stdb (Eq. 4)",
-                             "surrogate_snntorch": "fast_sigmoid(slope=25)"}}
+                             "surrogate_snntorch": "fast_sigmoid(slope=25)",
+                             "surrogate_spikingjelly": "SuperSpike(alpha=1) = fast sigmoid, slope 1"}}
+        if sj is None and any(w != "ann_train" for w in work):
+            reporter.print(f"spikingjelly: skipped, SpikingJelly is {sj_why}", markup=False)
         thresholds, rates = {}, {}
         if any(w != "ann_train" for w in work):
             cb, ct = CALIBRATION[preset]
@@ -630,7 +832,8 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
         rows = []
         for w, s in work.items():
             runs = [("torch", "fp32")] if w == "ann_train" else \
-                [("snnadv", p) for p in precisions] + [("snntorch", "fp32")]
+                [("snnadv", p) for p in precisions] + [("snntorch", "fp32")] + \
+                ([("spikingjelly", p) for p in precisions] if sj is not None else [])
             net = "snn_conv" if w == "snn_infer" else "snn_bp"
             for impl, precision in runs:
                 snn_options = {"precision": precision, "chunk_steps": chunk}
@@ -652,13 +855,19 @@ def run_bench(cfg: dict, reporter: Reporter | None = None) -> dict:
                        "warmup_timesteps": kw.get("warmup_timesteps")}
                 row["hardware"] = hardware(w, row, counts, peak_tflops, peak_tbps)
                 rows.append(row)
-        for r in rows:
+        for r in rows:  # snnadv against each peer: snnTorch's loop (fp32), SpikingJelly in the same precision
             other = next((o for o in rows if o["workload"] == r["workload"] and o["impl"] == "snntorch"), None)
             r["speedup"] = r["images_per_s"] / other["images_per_s"] if other and r["impl"] == "snnadv" else None
+            peer = next((o for o in rows if o["workload"] == r["workload"] and o["impl"] == "spikingjelly"
+                         and o["precision"] == r["precision"]), None)
+            r["speedup_vs_spikingjelly"] = r["images_per_s"] / peer["images_per_s"] \
+                if peer and r["impl"] == "snnadv" else None
         infer = max((r for r in rows if r["workload"] == "snn_infer" and r["impl"] == "snnadv"),
                     key=lambda r: r["images_per_s"], default=None)
         result["rows"] = rows
         result["speedups"] = {_label(r): r["speedup"] for r in rows if r["speedup"] is not None}
+        result["speedups_vs_spikingjelly"] = {_label(r): r["speedup_vs_spikingjelly"] for r in rows
+                                              if r["speedup_vs_spikingjelly"] is not None}
         result["seconds_for_10k_test_images"] = 10000 / infer["images_per_s"] if infer else None
         result["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         loads = [l[0] for l in (load_before, result["load_avg_after"]) if l]
@@ -680,15 +889,19 @@ def _mem(v) -> str:
 
 def print_result(result: dict, reporter: Reporter) -> None:
     rows = []
+    peer = any(r["impl"] == "spikingjelly" for r in result["rows"])
+    x = lambda v: None if v is None else f"{v:.2f}x"  # noqa: E731
     for r in result["rows"]:
         rows.append([r["workload"], f"{r['impl']} {r.get('precision', 'fp32')}", r["batch"], r["timesteps"], f"{r['images_per_s']:.4g}",
-                     _mem(r["peak_mem_bytes"]), None if r["speedup"] is None else f"{r['speedup']:.2f}x"])
+                     _mem(r["peak_mem_bytes"]), x(r["speedup"])]
+                    + ([x(r.get("speedup_vs_spikingjelly"))] if peer else []))
     mem = result["rows"][0]["memory_measure"] if result["rows"] else ""
     opts = result.get("snnadv_options", {})
     extra = f", snnadv chunk {opts['chunk_steps']} steps" if opts.get("chunk_steps") else ""
     reporter.table(f"snnadv bench: {result['arch']} on {result['device_name']} ({result['device']}, "
                    f"{result['threads']} threads, torch {result['torch']}{extra}); peak mem = {mem}",
-                   ["workload", "impl", "batch", "T", "images/s", "peak mem", "speed-up vs snntorch"], rows)
+                   ["workload", "impl", "batch", "T", "images/s", "peak mem", "speed-up vs snntorch"]
+                   + (["vs spikingjelly"] if peer else []), rows)
     hw = []
     for r in result["rows"]:
         h = r["hardware"]
@@ -701,6 +914,10 @@ def print_result(result: dict, reporter: Reporter) -> None:
                    f"peak {pk.get('peak_tflops') or '-'} TFLOP/s, {pk.get('peak_tbps') or '-'} TB/s",
                    ["workload", "impl", "GFLOP/img", "GFLOP/s", "%peak FLOP", "state MiB/img", "%peak BW",
                     "%bound"], hw)
+    sj = result.get("peers", {}).get("spikingjelly", {})
+    if peer:
+        reporter.print(f"spikingjelly {sj.get('version')}: neuron op {sj.get('implementation')}; speed-up of "
+                       f"snnadv against it in the same precision")
     for net, rates in result.get("spike_rates", {}).items():
         reporter.print(f"spike rate {net}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in rates.items()))
     if result.get("seconds_for_10k_test_images") is not None:
