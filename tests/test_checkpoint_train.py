@@ -370,3 +370,26 @@ def test_deferred_loss_reads_change_nothing_and_still_stop_on_nan(shared_data, t
     msg = str(e.value)
     assert "not finite" in msg and "batch" in msg and "\n" not in msg
     assert file_hash(deferred) == before
+
+
+def test_lr_restarts_start_new_cycles_and_resume_keeps_the_past_schedule(shared_data, tmp_path):
+    """Linear schedule, warm-up 1 epoch, restarts at epochs 2 and 3 (peak x0.5 each), 10
+    steps per epoch: the factor by hand; then --resume may add a restart where the first
+    run ended, but not lengthen its decay (that would change the lr of the epochs done)."""
+    from snnadv.train import check_same_schedule
+    from snnadv.training import AnnRecipe, lr_factor
+
+    recipe = AnnRecipe(epochs=4, lr=1e-3, schedule="linear", warmup=1.0, lr_restarts=(2, 3), lr_restart_peak=0.5)
+    f = lr_factor(recipe, 10)
+    assert [round(f(s), 6) for s in (0, 9, 10, 15, 19)] == [0.1, 1.0, 1.0, 0.5, 0.1]  # warm-up, then decay to 0
+    assert [round(f(s), 6) for s in (20, 25, 29, 30, 35, 40)] == [0.5, 0.25, 0.05, 0.25, 0.125, 0.0]
+    first = {"epochs": 2, "warmup": 1.0, "schedule": "linear"}  # a finished 2-epoch run
+    check_same_schedule(tmp_path / "a.pt", first, recipe, done=2, steps_per_epoch=10)  # a restart at 2: same past
+    longer = AnnRecipe(epochs=4, lr=1e-3, schedule="linear", warmup=1.0)
+    with pytest.raises(CheckpointError, match=r"lr_restarts = \[2\]"):
+        check_same_schedule(tmp_path / "a.pt", first, longer, done=2, steps_per_epoch=10)
+    # restarts are checked against the run: increasing, after the warm-up, before the end
+    for bad in ([3, 2], [1], [4]):
+        with pytest.raises(SnnadvError, match="lr_restarts"):
+            train_ann(_tiny_cfg(shared_data, tmp_path / "b.pt", epochs=4, schedule="linear", warmup=1,
+                                lr_restarts=bad, milestones=None))
