@@ -321,3 +321,59 @@ def replacing(stale: list):
             return out
         return run
     return wrap
+
+
+# --------------------------------------------------------------------------- resumable pieces
+def tensor_hash(x) -> str:
+    """sha256 of a tensor's values, shape and dtype (what a piece of work was computed on)."""
+    import hashlib
+
+    import torch
+
+    t = x.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Pieces:
+    """Finished pieces of a long stage in a folder, each file named ``NAME-KEY``: KEY is
+    :func:`snnadv.config.settings_key` of everything that makes the piece (``common``,
+    plus the piece's own ``what``), so a piece made under other settings, models or
+    images is never read back; files are written atomically and only read, never
+    deleted (a stage that re-runs with other settings just adds new ones)."""
+
+    def __init__(self, folder: Path, common: dict):
+        self.folder, self.common = Path(folder), dict(common)
+
+    def path(self, name: str, what: dict, suffix: str) -> Path:
+        from .config import settings_key
+
+        return self.folder / f"{name}-{settings_key({**self.common, **what})}{suffix}"
+
+    def load_tensor(self, name: str, what: dict):
+        import torch
+
+        p = self.path(name, what, ".pt")
+        if not p.is_file():
+            return None
+        try:
+            return torch.load(p, map_location=self.common.get("device", "cpu"), weights_only=True)
+        except Exception:  # noqa: BLE001 (an unreadable piece is made again)
+            return None
+
+    def save_tensor(self, name: str, what: dict, x) -> None:
+        import torch
+
+        with atomic_target(self.path(name, what, ".pt")) as tmp:
+            torch.save(x.detach().to("cpu"), tmp)
+
+    def load_json(self, name: str, what: dict):
+        p = self.path(name, what, ".json")
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def save_json(self, name: str, what: dict, data: dict) -> None:
+        write_json(self.path(name, what, ".json"), data)

@@ -32,7 +32,7 @@ from .encoding import encoder_seed
 from .errors import SnnadvError
 from .evaluation import accuracy_on, decode_correct, is_snn
 from .gradients import make_gradient
-from .outputs import Outputs, atomic_write_text, guarded, write_json
+from .outputs import Outputs, Pieces, atomic_write_text, guarded, remove_orphans, tensor_hash, write_json
 from .report import Reporter
 from .stats import compare
 
@@ -164,6 +164,7 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     attacks = [str(a) for a in cfg["attacks"]]
     settings = _attack_settings(cfg, attacks)
     device = resolve_device(cfg["device"])
+    remove_orphans(out / "pieces")  # temporary files of a killed run (the folder is ours: locked)
     torch.manual_seed(cfg["seed"])
     steps_for = {"ann": None, "snn_conv": cfg["conv_timesteps"], "snn_bp": cfg["bp_timesteps"]}
     models, infos = {}, {}
@@ -183,33 +184,55 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     images, labels = to_float(test.images), test.labels
     bs, draws, seed = cfg["batch_size"], int(cfg["eval_draws"]), cfg["seed"]
     cache: dict[tuple[str, str], torch.Tensor] = {}
+    # every crafted set and every accuracy is also kept in out/pieces/, keyed by what makes it,
+    # so an interrupted table resumes where it stopped (each piece draws from its own seed:
+    # skipping the ones already made changes none of the others)
+    pieces = Pieces(out / "pieces", {"images": tensor_hash(images), "labels": tensor_hash(labels),
+                                     "seed": seed, "batch_size": bs, "precision": cfg.get("precision"),
+                                     "device": device.type})
+    model_id = {k: {"sha256": i["sha256"], "num_steps": i["num_steps"]} for k, i in infos.items()}
 
     def adversarial(source_key: str, attack_name: str) -> torch.Tensor:
         if (source_key, attack_name) not in cache:
             model = models[source_key]
             grad = make_gradient(model, cfg["gradient"] if is_snn(model) else None)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
-                              settings["random_start"], grad, False, gen)
-            with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv, \
-                    encoder_seed(model, seed, device):
-                cache[(source_key, attack_name)] = craft(atk, images, labels, bs, adv)
+            what = {"source": model_id[source_key], "attack": attack_name, "gradient": grad.name,
+                    **{k: v for k, v in settings.items() if k != "warnings"}}
+            x = pieces.load_tensor(f"adv-{source_key}-{attack_name}", what)
+            if x is None:
+                gen = torch.Generator(device=device).manual_seed(seed)
+                atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
+                                  settings["random_start"], grad, False, gen)
+                with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv, \
+                        encoder_seed(model, seed, device):
+                    x = craft(atk, images, labels, bs, adv)
+                pieces.save_tensor(f"adv-{source_key}-{attack_name}", what, x)
+            cache[(source_key, attack_name)] = x
         return cache[(source_key, attack_name)]
 
-    def acc(target_key: str, x: torch.Tensor) -> dict:
-        return accuracy_on(models[target_key], x, labels, bs, draws, seed, per_sample=True)
+    def acc(target_key: str, source_key: str | None = None, attack_name: str | None = None) -> dict:
+        x = images if source_key is None else adversarial(source_key, attack_name)
+        what = {"target": model_id[target_key], "draws": draws,
+                "input": "clean" if source_key is None else [source_key, attack_name]}
+        name = f"acc-{target_key}-" + ("clean" if source_key is None else f"{source_key}-{attack_name}")
+        found = pieces.load_json(name, what)
+        if found is None:
+            found = accuracy_on(models[target_key], x, labels, bs, draws, seed, per_sample=True)
+            pieces.save_json(name, what, found)
+            found = pieces.load_json(name, what) or found  # as a resumed run reads it (JSON types)
+        return found
 
     result = {"settings": {k: v for k, v in settings.items() if k != "warnings"}, "gradient": cfg["gradient"],
               "eval_draws": draws, "images": len(images), "models": infos, "config": cfg}
     roles = list(ROLES)
     if "1" in [str(t) for t in cfg["tables"]]:
-        t1 = {"clean": {r: acc(r, images) for r in roles}, "whitebox": {}, "blackbox": {}}
+        t1 = {"clean": {r: acc(r) for r in roles}, "whitebox": {}, "blackbox": {}}
         for a in attacks:
-            t1["whitebox"][a] = {r: acc(r, adversarial(r, a)) for r in roles}
-            t1["blackbox"][a] = {r: acc(r, adversarial("ann_ii", a)) for r in roles}
+            t1["whitebox"][a] = {r: acc(r, r, a) for r in roles}
+            t1["blackbox"][a] = {r: acc(r, "ann_ii", a) for r in roles}
         result["table1"] = t1
     if "2" in [str(t) for t in cfg["tables"]]:
-        result["table2"] = {a: {s + "_ii": {t: acc(t, adversarial(s + "_ii", a)) for t in roles} for s in roles}
+        result["table2"] = {a: {s + "_ii": {t: acc(t, s + "_ii", a) for t in roles} for s in roles}
                             for a in attacks}
     result["comparisons"] = comparisons(result, seed)
     _print_tables(result, reporter)

@@ -266,3 +266,40 @@ def test_table_complete(tiny_models, shared_data, tmp_path):
     assert len(r["comparisons"]) == 21 and all(0 <= c["p"] <= 1 for c in r["comparisons"])
     assert "McNemar" in md and "Paired comparisons" in md
     assert json.loads((tmp_path / "tables" / "tables.json").read_text())["images"] == 40
+
+
+def test_table_resumes_from_its_pieces(tiny_models, shared_data, tmp_path, monkeypatch):
+    """Ctrl-C while crafting the third adversarial set: the finished sets and accuracies
+    are kept in tables/pieces/, and the re-run makes only what is missing and gives the
+    uninterrupted table exactly; a third run reads every piece and crafts nothing."""
+    import snnadv.robustness
+    from snnadv.config import resolve
+    from snnadv.robustness import run_table
+
+    def cfg(out):
+        return resolve("table", flags=dict(data_dir=str(shared_data), device="cpu", quiet=True, test_subset=20,
+                                           steps=2, batch_size=20, out=str(out), tables=["1"],
+                                           **{k: str(v) for k, v in tiny_models.items()}))
+
+    straight = run_table(cfg(tmp_path / "a"))
+    real_craft, calls = snnadv.robustness.craft, []
+
+    def craft_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_craft(*a, **k)
+
+    monkeypatch.setattr(snnadv.robustness, "craft", craft_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_table(cfg(tmp_path / "b"))
+    assert len(list((tmp_path / "b" / "pieces").glob("adv-*.pt"))) == 2 and not (tmp_path / "b" / "tables.json").exists()
+    counted = []
+    monkeypatch.setattr(snnadv.robustness, "craft", lambda *a, **k: counted.append(1) or real_craft(*a, **k))
+    resumed = run_table(cfg(tmp_path / "b"))
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "models")}  # noqa: E731
+    # 2 attacks x (3 whitebox sources + ANN-II) = 8 sets, 2 of them kept from the interrupted run
+    assert strip(resumed) == strip(straight) and len(counted) == 8 - 2
+    monkeypatch.setattr(snnadv.robustness, "craft", lambda *a, **k: pytest.fail("crafted again"))
+    again = run_table({**cfg(tmp_path / "b"), "overwrite": True})
+    assert strip(again) == strip(straight)
