@@ -318,17 +318,13 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
     return summary
 
 
-def partial_path(out: Path) -> Path:
-    from .train import partial_path as where
-
-    return where(out)
-
-
 def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> None:
     """Resume an interrupted training stage if it was started with the same key (``keys``:
     the current one, then those of earlier versions) and its checkpoint is readable;
     otherwise the stage starts afresh and its new output replaces the old one once
     complete (a training run: after its first epoch)."""
+    from .train import partial_path
+
     marker = run_dir / "stages" / f"{stage.name}.started"
     out = Path(cfg["out"]) if cfg.get("out") else None
     same = marker.exists() and marker.read_text().strip() in keys
