@@ -15,6 +15,7 @@ Library warnings (:class:`snnadv.errors.SnnadvWarning`) print as one ``warning:`
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -57,8 +58,11 @@ def cli():
       snnadv convert   --config configs/quick.toml --checkpoint runs/ann.pt --out runs/conv.pt
       snnadv finetune  --config configs/quick.toml --checkpoint runs/conv.pt --leak 0.95 --out runs/bp.pt
     """
+    from snnadv.parallel import init_from_env
     from snnadv.runtime import keep_freed_memory, tf32_policy
 
+    if init_from_env().distributed:  # under torchrun: join the process group (gloo on CPUs, NCCL on GPUs)
+        signal.signal(signal.SIGTERM, _terminated)  # torchrun ends the other ranks when one fails
     keep_freed_memory()  # large CPU tensors are reused, not page-faulted in again (snnadv.runtime)
     tf32_policy()  # fp32 means fp32 on a GPU too (SNNADV_TF32=1 allows TF32)
 
@@ -191,6 +195,10 @@ def main(argv=None) -> int:
         click.echo("interrupted: the last completed epoch's checkpoint is intact (continue with --resume)", err=True)
         return 130
     except Exception as e:  # a bug: one line, the traceback in a file
+        peer = _peer_failure(e)  # (also a SIGTERM from torchrun: _Terminated)
+        if peer:
+            click.echo(f"error: {peer}", err=True)
+            return 1
         what = " ".join(str(e).split())[:200] or type(e).__name__
         try:
             where = f"the traceback is in {_save_traceback(e)}"
@@ -200,7 +208,46 @@ def main(argv=None) -> int:
         return 1
     finally:
         warnings.showwarning = _python_showwarning
+        _leave_process_group()
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM under torchrun: the launcher is ending this rank (another one failed)."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
+def _peer_failure(exc: BaseException) -> str | None:
+    """Under torchrun: the line for a collective that failed because another rank stopped
+    (that rank printed its own reason); None for anything else."""
+    from snnadv.parallel import initialized, world
+
+    if not initialized() or not world().distributed:
+        return None
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistError", None)) if k)
+    text = str(exc)
+    if isinstance(exc, (_Terminated, *kinds)) or any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                                          "gloo", "NCCL")):
+        return (f"rank {world().rank} of {world().size} stopped: another rank failed or was stopped "
+                f"(its own line says why)")
+    return None
+
+
+def _leave_process_group() -> None:
+    from snnadv.parallel import initialized
+
+    if initialized():
+        import torch.distributed as dist
+
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer is gone: nothing left to close cleanly
+            pass
 
 
 if __name__ == "__main__":

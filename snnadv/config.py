@@ -524,10 +524,14 @@ def check_positive(cfg: dict, *keys: str) -> None:
 
 
 def resolve_device(name: str):
+    """The device named by ``--device``; under torchrun a bare ``cuda`` (or ``auto`` on a GPU
+    machine) is this rank's GPU, ``cuda:LOCAL_RANK`` (:func:`snnadv.parallel.rank_device`)."""
     import torch
 
+    from .parallel import rank_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return rank_device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise SnnadvError(f"unknown device '{name}' (choose {DEVICE_FORMS})")
     if name.startswith("cuda"):
@@ -537,4 +541,4 @@ def resolve_device(name: str):
         if ":" in name and int(name.split(":")[1]) >= count:
             raise SnnadvError(f"--device {name} was asked for but there {'is' if count == 1 else 'are'} "
                               f"only {count} CUDA device{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})")
-    return torch.device(name)
+    return rank_device(name)

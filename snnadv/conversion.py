@@ -15,6 +15,13 @@ For ResNets the original code balanced only the stem and left the residual
 layers at 1.0; that is ``balance="stem"`` here, and the default ``"all"`` balances
 every spiking layer.
 
+Many processes (:mod:`snnadv.parallel`): batch i is balanced by rank i mod N and its
+encoder spikes come from a seed of its own (drawn once from the generator, plus i),
+so every batch is encoded the same whichever rank runs it; the maximum is an
+all-reduce and the percentile the top k of every rank's candidates (each rank's top
+k contains its share of the global top k), so the thresholds equal one process's on
+the same batches.
+
 The thresholds are found as they are; ``scale`` (0.7 in the original code) is kept
 beside them and applied by fine-tuning, which starts from the scaled thresholds.
 
@@ -31,10 +38,11 @@ from typing import Callable
 import torch
 
 from .batching import batches
-from .encoding import encoder_generator
+from .encoding import encoder_seed
 from .errors import SnnadvError
 from .models import SNN, ArchSpec
 from .models.spec import Block
+from .parallel import all_reduce, gather_cat, world
 from .registry import NEURONS
 
 BALANCE = ("all", "stem")
@@ -101,6 +109,21 @@ class TopK:
         return float(self.values.min()) if len(self.values) >= self.k else float(self.values.max())
 
 
+
+def merged(tracker: TopK | None) -> TopK:
+    """The top k of every rank's :class:`TopK` (``tracker`` itself in a single process):
+    the same percentile as one tracker that saw all the ranks' streams.  A rank that saw
+    nothing (``None``: fewer batches than ranks) still takes part."""
+    if not world().distributed:
+        return tracker
+    k = int(all_reduce(torch.tensor([tracker.k if tracker else 0]), "max"))
+    values = tracker.values if tracker is not None and tracker.values is not None else torch.zeros(0)
+    out = TopK(100.0, 1)
+    out.k = k
+    out.add(gather_cat(values.float().cpu()))
+    return out
+
+
 def build_snn(spec: ArchSpec, settings: ConversionSettings, *, input_bits: int | None = None,
               input_range: str = "unit", chunk_steps: int | None = None, precision: str = "fp32") -> SNN:
     """The network to convert into (weights still to be loaded): ``settings.neuron`` at
@@ -126,9 +149,11 @@ def balance_thresholds(snn: SNN, images: list[torch.Tensor], num_steps: int, per
     """Balance the thresholds of ``snn`` (in place, layer by layer); returns them.
 
     ``images``: the training batches (float, [0, 1]) to balance on.  ``layers``: the
-    spiking layers to balance (default all); the others keep their threshold.  The
-    encoder draws from ``generator``; ``progress(1, layer)`` after every batch.
-    Each run is the SNN's own time loop, chunk by chunk, up to the balanced layer.
+    spiking layers to balance (default all); the others keep their threshold.  Batch i
+    is encoded with seed ``s + i``, ``s`` drawn once from ``generator`` (the global RNG
+    without one); ``progress(1, layer)`` after every batch.  Each run is the SNN's own
+    time loop, chunk by chunk, up to the balanced layer.  Under torchrun each rank runs
+    its batches (i mod N) and the thresholds are combined exactly (module docstring).
     """
     names = snn.neuron_names
     layers = names if layers is None else layers
@@ -136,8 +161,12 @@ def balance_thresholds(snn: SNN, images: list[torch.Tensor], num_steps: int, per
     was_training = snn.training
     snn.eval()
     per_batch = num_steps * len(images)
+    w = world()
+    base = int(torch.randint(0, 2**62, (1,), generator=generator,
+                             device=generator.device if generator is not None else "cpu"))
+    device = next(snn.parameters()).device
     try:
-        with encoder_generator(snn, generator), torch.no_grad():
+        with torch.no_grad():
             for name in layers:
                 tracker = None
 
@@ -149,14 +178,16 @@ def balance_thresholds(snn: SNN, images: list[torch.Tensor], num_steps: int, per
 
                 handle = mods[name].register_current_hook(record)
                 try:
-                    for x in images:
-                        for frames in snn.chunks(x, num_steps):
-                            snn.hidden(frames, until=name)  # upstream state carries to the next chunk
+                    for i, x in enumerate(images):
+                        if i % w.size == w.rank:
+                            with encoder_seed(snn, base + i, device):
+                                for frames in snn.chunks(x, num_steps):
+                                    snn.hidden(frames, until=name)  # upstream state carries to the next chunk
                         if progress is not None:
                             progress(1, name)
                 finally:
                     handle.remove()
-                thr = tracker.value()
+                thr = merged(tracker).value()
                 if not thr > 0:
                     raise SnnadvError(f"layer {name} received no positive input during balancing "
                                       f"(threshold {thr}); the ANN may be untrained")
@@ -178,15 +209,18 @@ def balance(snn: SNN, images: list[torch.Tensor], settings: ConversionSettings,
 def accuracy_curve(snn: SNN, split, steps: list[int], batch_size: int, seed: int,
                    progress: Progress | None = None) -> dict[int, float]:
     """Test accuracy (%) after each of ``steps`` timesteps, from one run per batch;
-    ``progress(n)`` after every batch of n images."""
+    ``progress(n)`` after every batch of n images.  Batch i is encoded with seed
+    ``seed * 1000003 + i`` and, under torchrun, run by rank i mod N (the counts are
+    summed over the ranks): the same curve for any number of ranks."""
     snn.eval()
-    gen = torch.Generator(device=split.images.device)
-    gen.manual_seed(seed)
-    correct = torch.zeros(len(steps), device=split.images.device)  # no host sync per batch
-    with encoder_generator(snn, gen):
-        for x, y in batches(split, batch_size, shuffle=False):
-            logits = snn.forward_curve(x, steps)
+    w, device = world(), split.images.device
+    correct = torch.zeros(len(steps), device=device)  # no host sync per batch
+    for i, (x, y) in enumerate(batches(split, batch_size, shuffle=False)):
+        if i % w.size == w.rank:
+            with encoder_seed(snn, seed * 1000003 + i, device):
+                logits = snn.forward_curve(x, steps)
             correct += (logits.argmax(-1) == y).sum(-1).float()
-            if progress is not None:
-                progress(len(y))
+        if progress is not None:
+            progress(len(y))
+    correct = all_reduce(correct)
     return {t: 100.0 * c / len(split) for t, c in zip(steps, correct.tolist())}

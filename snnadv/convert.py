@@ -3,7 +3,8 @@
 The stage around :mod:`snnadv.conversion` (which computes): it reads the ANN
 checkpoint and the data, claims its outputs, balances the thresholds, measures the
 accuracy-vs-T curve, prints the table and saves the converted checkpoint with
-``scale`` (for fine-tuning) beside the thresholds.
+``scale`` (for fine-tuning) beside the thresholds.  Under torchrun the balancing batches
+and the curve's test batches are shared out over the ranks and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .errors import SnnadvError
 from .evaluation import accuracy
 from .models import ArchSpec
 from .outputs import Outputs, checkpoint_paths, guarded, write_json
+from .parallel import world
 from .report import Reporter
 
 
@@ -71,6 +73,8 @@ def convert(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None
     metrics = {"test_acc": curve[T], "curve": {str(t): curve[t] for t in curve_steps},
                "ann_test_acc": ann_acc, "thresholds": thresholds}
     parent = {"path": str(cfg["checkpoint"]), "sha256": file_hash(cfg["checkpoint"])}
+    if not world().main:  # under torchrun rank 0 writes
+        return {"stage": "snn-conv", "checkpoint": str(out), "config": cfg, "metrics": metrics, "parent": parent}
     path = save_checkpoint(out, {"stage": "snn-conv", "dataset": cfg["dataset"], "spec": ann["spec"],
                                  "model": model, "state_dict": weights(snn), "config": cfg,
                                  "metrics": metrics, "parent": parent, "train_state": None})

@@ -69,19 +69,19 @@ def world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def backend_for(device: str | torch.device) -> str:
-    """NCCL for CUDA devices, gloo for everything else."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+def backend() -> str:
+    """gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is available (one group
+    serves both: a rank may hold CPU and GPU tensors)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_from_env(device: str | torch.device = "cpu") -> World:
+def init_from_env() -> World:
     """Join the process group torchrun described in the environment (once; a no-op in a
-    single process); on CUDA each rank takes GPU ``LOCAL_RANK``."""
+    single process); with CUDA each rank takes GPU ``LOCAL_RANK``."""
     if launched() and not initialized():
-        kind = torch.device(device).type
-        if kind == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend_for(device))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend())
     return world()
 
 
@@ -89,7 +89,7 @@ def rank_device(device: str | torch.device) -> torch.device:
     """``device`` for this rank: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     d = torch.device(device)
     if d.type == "cuda" and d.index is None and initialized():
-        return torch.device("cuda", world().local_rank)
+        return torch.device("cuda", world().local_rank % torch.cuda.device_count())
     return d
 
 

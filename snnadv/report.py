@@ -23,6 +23,9 @@ from rich.table import Table
 
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None, progress_every: float | None = None):
+        from .parallel import world
+
+        quiet = quiet or not world().main  # under torchrun only rank 0 prints
         self.console = console or Console(quiet=quiet, highlight=False)
         if console is None and not self.console.is_terminal:
             self.console.width = max(self.console.width, 160)  # logs: do not cut wide tables

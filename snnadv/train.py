@@ -26,6 +26,7 @@ from .evaluation import accuracy
 from .models import ANN, get_spec
 from .surrogates import make_surrogate
 from .outputs import Outputs, checkpoint_paths, guarded, replacing, write_json
+from .parallel import world
 from .report import Reporter
 from .training import AnnRecipe, FinetuneRecipe, FitHooks, FitSettings, fit, lr_factor, lsuv_init
 
@@ -36,6 +37,10 @@ def seed_everything(seed: int) -> None:
 
 def _setup(cfg: dict):
     check_positive(cfg, "epochs", "batch_size", "lr")
+    w = world()
+    if cfg["batch_size"] % w.size:
+        raise SnnadvError(f"--batch-size {cfg['batch_size']} does not divide over {w.size} ranks: the batch size is "
+                          f"the global one and each rank takes batch-size / {w.size} images (give a multiple of {w.size})")
     if cfg["dataset"] not in DATASETS:
         raise SnnadvError(f"unknown dataset '{cfg['dataset']}' (choose {', '.join(DATASETS)})")
     device = resolve_device(cfg["device"])
@@ -100,24 +105,32 @@ def _fit(out: Path, resume: dict | None, save, payload, model, train, test, sett
     """:func:`snnadv.training.fit` on the ``train`` and ``test`` splits: every epoch's line
     printed, its state saved with ``save(state)``; Ctrl-C turned into :class:`Interrupted`
     saying which epoch is saved where.  Within an epoch, every ``settings.save_every``
-    seconds, ``payload(state)`` goes to :func:`partial_path` (removed after the epoch)."""
+    seconds, ``payload(state)`` goes to :func:`partial_path` (removed after the epoch).
+
+    Under torchrun (:mod:`snnadv.parallel`) the model is wrapped in
+    DistributedDataParallel with ``broadcast_buffers=False`` (a neuron's state is its
+    own rank's, reset every batch, never rank 0's), and only rank 0 prints and writes."""
     saved = [int(resume["train_state"]["epoch"]) if resume else 0]
+    main = world().main
 
     def epoch_done(row: dict, state: dict) -> None:
         reporter.print(f"epoch {row['epoch']:>3}/{settings.epochs}  loss {row['loss']:.4f}  "
                        f"train {row['train_acc']:.2f}%  test {row['test_acc']:.2f}%  lr {row['lr']:.3g}  "
                        f"{row['images_per_s']:.0f} img/s")
-        save(state)
+        if main:
+            save(state)
+            partial_path(out).unlink(missing_ok=True)  # superseded by the epoch's checkpoint
         saved[0] = state["epoch"]
-        partial_path(out).unlink(missing_ok=True)  # superseded by the epoch's checkpoint
 
     def partial(state: dict) -> None:
-        save_checkpoint(partial_path(out), payload(state))
+        if main:
+            save_checkpoint(partial_path(out), payload(state))
 
     hooks = FitHooks(progress=reporter.progress, epoch_done=epoch_done, partial=partial,
                      resumed=lambda done: reporter.print(f"resuming after epoch {done} of {settings.epochs}"))
+    net = _distributed(model, train.images.device)
     try:
-        return fit(model, lambda gen: batches(train, settings.batch_size, shuffle=True, generator=gen,
+        return fit(net, lambda gen: batches(train, settings.batch_size, shuffle=True, generator=gen,
                                               train_augment=True),
                    lambda m, seed: accuracy(m, test, settings.eval_batch_size, seed=seed)["mean"],
                    settings=settings, train_size=len(train), device=train.images.device,
@@ -128,12 +141,30 @@ def _fit(out: Path, resume: dict | None, save, payload, model, train, test, sett
         raise Interrupted(out, saved[0], settings.epochs) from None
 
 
+def _distributed(model, device):
+    """``model`` in DistributedDataParallel under torchrun (``model`` itself otherwise)."""
+    if not world().distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    import warnings
+
+    device = torch.device(device)
+    with warnings.catch_warnings():  # newer PyTorch deprecates the flag, but its successor still syncs at init
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+
+
 def _finish(ckpt_base: dict, history: list, out: Path, metrics_path: Path, cfg: dict,
             reporter: Reporter, extra: dict | None = None) -> dict:
-    """Record the final metrics in the checkpoint and beside it as JSON."""
+    """Record the final metrics in the checkpoint and beside it as JSON (rank 0)."""
     final = history[-1] if history else {}
     metrics = {"test_acc": final.get("test_acc"), "train_acc": final.get("train_acc"),
                "epochs": len(history), **(extra or {}), "history": history}
+    if not world().main:  # the other ranks: the same numbers, nothing written
+        return {"stage": ckpt_base["stage"], "checkpoint": str(out), "config": cfg, "metrics": metrics,
+                "parent": ckpt_base.get("parent")}
     ckpt = load_checkpoint(out)
     ckpt["metrics"] = metrics
     save_checkpoint(out, {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "versions")})

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TrainingError
+from .parallel import all_reduce, shard, world
 
 
 def _pick(cls, settings: dict):
@@ -247,9 +248,21 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
     :data:`SYNC_EVERY` batches on a GPU (every batch on a CPU, where reading is free),
     so the host does not wait for the GPU after each step.  A non-finite loss stops
     training at that read, before the epoch's state is handed out.
+
+    Many processes (:mod:`snnadv.parallel`; ``model`` wrapped in DistributedDataParallel
+    by the caller): every rank draws the same global batches (the same generator, so the
+    same permutation and augmentation) and trains on its contiguous slice; its loss is
+    its share of the global batch's mean, ``(N / B) * sum_i CE_i`` over its images (N
+    ranks, B images in the global batch), so DDP's mean over the ranks is the global
+    mean and an update equals one process's on the whole batch (up to float summation
+    order).  The loss and accuracy sums are all-reduced at every read, so every rank sees
+    the same numbers and a non-finite loss on any rank stops all of them at the same batch.
+    The test accuracy is computed on the unwrapped model (``model.module``).
     """
     hooks = hooks or FitHooks()
     s = settings
+    w = world()
+    net = getattr(model, "module", model)  # the model itself when ``model`` is a DDP wrapper
     gen = torch.Generator(device=device)
     gen.manual_seed(s.seed)
     history, start, within = [], 0, None
@@ -270,13 +283,14 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
         t0, seen, skip, elapsed0 = time.perf_counter(), 0, 0, 0.0
         loss_dev = torch.zeros((), device=device)                     # summed on the device,
         correct_dev = torch.zeros((), dtype=torch.int64, device=device)  # read back every sync_every
-        checked, loss_sum = 0, 0.0  # batches whose loss has been read back, and that sum
+        checked, loss_sum, correct = 0, 0.0, 0  # batches whose loss has been read back, and those sums
         if within is not None:  # replay the epoch's draws up to the saved batch (no training)
             gen.set_state(within["epoch_rng"])
             skip, seen, elapsed0 = int(within["batch"]), int(within["seen"]), float(within["seconds"])
-            loss_dev += within["loss_sum"]
-            correct_dev += int(within["correct"])
-            checked, loss_sum = skip, float(within["loss_sum"])
+            if w.main:  # (the sums are all-reduced: the saved totals count once)
+                loss_dev += within["loss_sum"]
+                correct_dev += int(within["correct"])
+            checked, loss_sum, correct = skip, float(within["loss_sum"]), int(within["correct"])
         epoch_rng, saved_at = gen.get_state(), time.perf_counter()
         with hooks.progress(f"epoch {epoch + 1}/{s.epochs}", steps_per_epoch) as advance:
             if skip:
@@ -287,18 +301,30 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
                         _set_rng_state(gen, within["rng"])
                         within = None
                     continue
-                out = model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+                batch = len(y)
+                if w.distributed:  # this rank's slice of the global batch
+                    part = shard(batch, w)
+                    x, y = x[part], y[part]
+                    out = model(x)
+                    loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing, reduction="sum") * (w.size / batch)
+                    loss_dev += loss.detach() * (batch / w.size)  # this rank's sum of CE
+                else:
+                    out = model(x)
+                    loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+                    loss_dev += loss.detach() * batch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if s.per_batch:
                     scheduler.step()
-                loss_dev += loss.detach() * len(y)
                 correct_dev += (out.argmax(1) == y).sum()
-                seen += len(y)
+                seen += batch
                 if (i + 1) % sync_every == 0 or i + 1 == steps_per_epoch:
-                    loss_sum = float(loss_dev)
+                    if w.distributed:  # every rank reads the global sums
+                        both = all_reduce(torch.stack([loss_dev.double(), correct_dev.double()]))
+                        loss_sum, correct = float(both[0]), int(both[1])
+                    else:
+                        loss_sum, correct = float(loss_dev), int(correct_dev)
                     if not math.isfinite(loss_sum):
                         where = f"batch {i + 1}" if i == checked else f"batches {checked + 1}-{i + 1}"
                         raise TrainingError(f"loss became {loss_sum} (not finite) at epoch {epoch + 1}, {where}; "
@@ -309,18 +335,18 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
                     if (hooks.partial and s.save_every > 0 and i + 1 < steps_per_epoch
                             and time.perf_counter() - saved_at >= s.save_every):
                         hooks.partial({"epoch": epoch, "batch": i + 1, "epoch_rng": epoch_rng,
-                                       "seen": seen, "loss_sum": loss_sum, "correct": int(correct_dev),
+                                       "seen": seen, "loss_sum": loss_sum, "correct": correct,
                                        "seconds": elapsed0 + time.perf_counter() - t0,
                                        "optimizer": optimizer.state_dict(),
                                        "scheduler": _plain(scheduler.state_dict()), "rng": _rng_state(gen),
                                        "history": history})
                         saved_at = time.perf_counter()
-        correct = int(correct_dev)  # (loss_sum was read at the last batch)
+        # (loss_sum and correct were read at the last batch)
         train_time = elapsed0 + time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         if not s.per_batch:
             scheduler.step()
-        test_acc = test_accuracy(model, s.seed + epoch)
+        test_acc = test_accuracy(net, s.seed + epoch)
         row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
                "test_acc": test_acc, "lr": lr, "seconds": train_time, "images_per_s": seen / train_time}
         history.append(row)
