@@ -25,6 +25,7 @@ Computation only: nothing here prints or writes a file.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,28 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_solo = [False]
+
+
 def world() -> World:
-    """The current :class:`World` (one process of rank 0 unless a process group is up)."""
-    if not initialized():
+    """The current :class:`World` (one process of rank 0 unless a process group is up,
+    and inside :func:`solo`)."""
+    if _solo[0] or not initialized():
         return World()
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def solo():
+    """Inside the block this rank works alone, as a single process (an independent job:
+    e.g. one seed's chain of ``reproduce --spread``): :func:`world` is one process of
+    rank 0 and the collectives are identities."""
+    was = _solo[0]
+    _solo[0] = True
+    try:
+        yield
+    finally:
+        _solo[0] = was
 
 
 def backend() -> str:
@@ -75,13 +93,26 @@ def backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+def timeout_minutes() -> float:
+    """How long a rank waits for the others at a collective: ``$SNNADV_DIST_TIMEOUT``
+    minutes, default 1440 (a day: with ``reproduce --spread`` a rank waits for the other
+    seed's whole training).  A rank that fails does not make the others wait: torchrun
+    ends them at once."""
+    try:
+        return float(os.environ.get("SNNADV_DIST_TIMEOUT") or 1440)
+    except ValueError:
+        return 1440.0
+
+
 def init_from_env() -> World:
     """Join the process group torchrun described in the environment (once; a no-op in a
     single process); with CUDA each rank takes GPU ``LOCAL_RANK``."""
     if launched() and not initialized():
+        from datetime import timedelta
+
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group(backend())
+        dist.init_process_group(backend(), timeout=timedelta(minutes=timeout_minutes()))
     return world()
 
 
@@ -123,14 +154,14 @@ def gather_cat(x: torch.Tensor, w: World | None = None) -> torch.Tensor:
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """``x`` reduced over the ranks (``sum`` or ``max``), in place and returned."""
-    if initialized() and dist.get_world_size() > 1:
+    if world().distributed:
         dist.all_reduce(x, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return x
 
 
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
-    if not (initialized() and dist.get_world_size() > 1):
+    if not world().distributed:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src)
@@ -143,6 +174,16 @@ def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
     return bool(all_reduce(t, "max").item())
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+    w = world()
+    if not w.distributed:
+        return [obj]
+    out = [None] * w.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
-    if initialized() and dist.get_world_size() > 1:
+    if world().distributed:
         dist.barrier()

@@ -44,6 +44,7 @@ from typing import Callable
 from .config import VOLATILE, parse_list, read_config, resolve, setting, settings_key
 from .errors import CheckpointError, SnnadvError
 from .outputs import Outputs, remove_orphans, write_json
+from .parallel import barrier, broadcast_object, solo, world
 from .report import Reporter
 
 
@@ -135,7 +136,8 @@ def _model_stage(kind: str):
         from .train import finetune, train_ann
 
         r = {"train-ann": train_ann, "convert": convert, "finetune": finetune}[kind](cfg, ctx.reporter)
-        ctx.known_sha256[r["checkpoint"]] = r["sha256"]  # not read again to record it
+        if "sha256" in r:  # (rank 0's result under torchrun)
+            ctx.known_sha256[r["checkpoint"]] = r["sha256"]  # not read again to record it
         return {"checkpoint": r["checkpoint"], "metrics": str(Path(r["checkpoint"]).with_suffix(".json"))}
     return run
 
@@ -224,11 +226,17 @@ def _evaluate(cfg: dict, ctx: Context) -> dict:
 # ----------------------------------------------------------------------- the runner
 def reproduce(config_path: str | Path, run_dir: str | Path | None = None, only: list[str] | None = None,
               start: str | None = None, max_stages: int | None = None, quiet: bool = False,
-              flags: dict | None = None) -> dict:
+              flags: dict | None = None, spread: bool = False) -> dict:
     """Run (or resume) the pipeline; returns ``{stage: record}`` of the stages that are done.
 
     ``flags`` override every stage's settings (the command line's --data-dir, --device,
     --batch-size, ...); ``flags["seed"]`` is the pair of seeds ("A,B" or a list).
+
+    Under torchrun every stage runs on all the ranks together (training in DDP, the
+    test images shared out) and rank 0 writes the records; with ``spread`` (2+ ranks)
+    the chains of the two seeds (ann, conv, bp and ann_ii, conv_ii, bp_ii) first run
+    at the same time as independent single-process jobs on ranks 0 and 1
+    (:func:`snnadv.parallel.solo`), then the rest on every rank.
     """
     config = read_config(config_path)
     rcfg = config.get("reproduce", {})
@@ -252,13 +260,26 @@ def reproduce(config_path: str | Path, run_dir: str | Path | None = None, only: 
         selected = set(only)
     with Outputs(note=reporter.print) as outputs:
         outputs.claim([run_dir], {"config": str(config_path)}, folder=True, replace=[])
-        remove_orphans(run_dir, recursive=True)
+        w = world()
+        if w.main:
+            remove_orphans(run_dir, recursive=True)
+        if spread and w.size >= 2:
+            chains = [["ann", "conv", "bp"], ["ann_ii", "conv_ii", "bp_ii"]]
+            if w.rank < 2:
+                with solo():  # this rank's seed alone; its records are its own files
+                    _run(ctx, plan, selected & set(chains[w.rank]), max_stages, quiet, flags, config_path,
+                         summary_file=False)
+            barrier()  # (waits up to SNNADV_DIST_TIMEOUT for the other chain)
+            ctx.records.clear()
         return _run(ctx, plan, selected, max_stages, quiet, flags, config_path)
 
 
 def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None, quiet: bool, flags: dict | None,
-         config_path) -> dict:
+         config_path, summary_file: bool = True) -> dict:
+    """The stages in order (each done one skipped); under torchrun rank 0 decides how a
+    stage resumes and writes its record, which every rank then reads from it."""
     run_dir, reporter, names = ctx.run_dir, ctx.reporter, [s.name for s in plan]
+    main = world().main
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     for s in plan:  # earlier records (needed to wire the outputs of skipped stages)
         rec = run_dir / "stages" / f"{s.name}.json"
@@ -295,34 +316,41 @@ def _run(ctx: Context, plan: list[Stage], selected: set, max_stages: int | None,
             reporter.print(f"stopping after {ran} stage(s) (--max-stages); run again to continue")
             stopped = True
             continue
-        _prepare_resume(s, cfg, keys, run_dir)
+        cfg.update(broadcast_object(_prepare_resume(s, cfg, keys, run_dir) if main else None))
         elapsed = time.perf_counter() - t_start
         eta = f", ~{elapsed / ran * (len(plan) - i + 1) / 60:.1f} min left at this pace" if ran else ""
         reporter.print(f"[bold cyan][{i}/{len(plan)}] {s.name}[/] ({s.kind}){eta}")
         t0 = time.perf_counter()
-        outputs = s.run(cfg, ctx)
-        record = {"stage": s.name, "key": keys[0], "outputs": outputs, "seconds": time.perf_counter() - t0,
-                  "needs": s.needs, "sha256": _hashes(outputs, ctx.known_sha256), "stat": _stats(outputs),
-                  "inputs": {u: ctx.records[u].get("sha256") for u in s.needs}, "hardware": _hardware(cfg)}
-        write_json(run_dir / "stages" / f"{s.name}.json", record)
+        outputs = s.run(cfg, ctx) if main or s.kind != "report" else {}  # (the report only writes)
+        record = None
+        if main:
+            record = {"stage": s.name, "key": keys[0], "outputs": outputs, "seconds": time.perf_counter() - t0,
+                      "needs": s.needs, "sha256": _hashes(outputs, ctx.known_sha256), "stat": _stats(outputs),
+                      "inputs": {u: ctx.records[u].get("sha256") for u in s.needs}, "hardware": _hardware(cfg)}
+            write_json(run_dir / "stages" / f"{s.name}.json", record)
+            (run_dir / "stages" / f"{s.name}.started").unlink(missing_ok=True)
+        record = broadcast_object(record)  # (also: every rank waits until rank 0 has written)
         ctx.records[s.name] = record
-        (run_dir / "stages" / f"{s.name}.started").unlink(missing_ok=True)
         current[s.name] = True
         rerun.add(s.name)
         ran += 1
     summary = {n: ctx.records[n] for n in names if current[n]}
-    write_json(run_dir / "reproduce.json", {"config": str(config_path), "run_dir": str(run_dir),
-                                            "stages": summary, "complete": len(summary) == len(plan)})
+    if not summary_file:
+        return summary
+    if main:
+        write_json(run_dir / "reproduce.json", {"config": str(config_path), "run_dir": str(run_dir),
+                                                "stages": summary, "complete": len(summary) == len(plan)})
     reporter.print(f"results in {run_dir} ({len(summary)}/{len(plan)} stages done)"
                    + (f"; report: {summary['report']['outputs']['markdown']}" if "report" in summary else ""))
     return summary
 
 
-def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> None:
+def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> dict:
     """Resume an interrupted training stage if it was started with the same key (``keys``:
     the current one, then those of earlier versions) and its checkpoint is readable;
     otherwise the stage starts afresh and its new output replaces the old one once
-    complete (a training run: after its first epoch)."""
+    complete (a training run: after its first epoch).  Returns the setting to add to
+    the stage's ``cfg`` (``resume`` or ``overwrite``) and marks the stage started."""
     from .train import partial_path
 
     marker = run_dir / "stages" / f"{stage.name}.started"
@@ -330,10 +358,11 @@ def _prepare_resume(stage: Stage, cfg: dict, keys: list[str], run_dir: Path) -> 
     same = marker.exists() and marker.read_text().strip() in keys
     if stage.kind in ("train-ann", "finetune") and out is not None and same and (
             (out.exists() and _resumable(out)) or _resumable(partial_path(out))):
-        cfg["resume"] = True
+        decision = {"resume": True}
     else:
-        cfg["overwrite"] = True
+        decision = {"overwrite": True}
     marker.write_text(keys[0])
+    return decision
 
 
 def _resumable(path: Path) -> bool:

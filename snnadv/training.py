@@ -229,6 +229,13 @@ class FitHooks:
     partial: Callable[[dict], None] | None = None
 
 
+def _batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The global RNG's seed for one rank's share of one batch under DDP: every rank
+    draws its own dropout masks and encoder spikes (not copies of rank 0's), and a
+    resumed run draws the same ones."""
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + batch) * 1_009 + rank) % (2**63)
+
+
 #: batches between reads of the running loss, per device type (see :func:`fit`)
 SYNC_EVERY = {"cpu": 1, "cuda": 20}
 
@@ -303,6 +310,7 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
                     continue
                 batch = len(y)
                 if w.distributed:  # this rank's slice of the global batch
+                    torch.manual_seed(_batch_seed(s.seed, epoch, i, w.rank))  # its dropout and encoder draws
                     part = shard(batch, w)
                     x, y = x[part], y[part]
                     out = model(x)

@@ -136,3 +136,39 @@ def test_a_batch_size_that_does_not_divide_is_refused(env):
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert lines and all("does not divide over 2 ranks" in line for line in lines), r.stderr
     assert not (env["dir"] / "odd.pt").exists()
+
+
+SPREAD_CONFIG = """
+[common]
+dataset = "cifar10"
+data_dir = "{data}"
+device = "cpu"
+batch_size = 64
+train_subset = 256
+test_subset = 20
+
+[reproduce]
+seeds = [0, 1]
+
+[train-ann]
+arch = "tiny"
+epochs = 1
+lr = 0.05
+"""
+
+
+def test_reproduce_spread_trains_the_two_seeds_on_two_ranks_as_one_process_would(env):
+    """``reproduce --spread``: seed I's ANN on rank 0 and seed II's on rank 1, at the
+    same time, each as one process (dropout included): the same weights, bit for bit,
+    as a single process running both, and every record written once."""
+    config = env["dir"] / "spread.toml"
+    config.write_text(SPREAD_CONFIG.format(data=env["data"]))
+    for ranks, folder, extra in ((1, "r1", []), (2, "r2", ["--spread"])):
+        r = run(env, "reproduce", "--config", str(config), "--run-dir", folder, "--only", "ann", "--only", "ann_ii",
+                *extra, ranks=ranks)
+        assert r.returncode == 0, r.stderr
+    for name in ("ann", "ann_ii"):
+        a, b = (weights(env["dir"] / d / "models" / f"{name}.pt") for d in ("r1", "r2"))
+        assert max_diff(a, b) == 0.0
+        assert (env["dir"] / "r2" / "stages" / f"{name}.json").exists()
+    assert not list((env["dir"] / "r2" / "stages").glob("*.started"))
