@@ -146,3 +146,54 @@ def from_snntorch(fn) -> Surrogate | None:
     if fn.__qualname__ == "fast_sigmoid.<locals>.inner" and "slope" in enclosed:
         return FastSigmoid(enclosed["slope"])
     return None
+
+
+# --------------------------------------------------------------------------- attack-time only
+# The two surrogates below belong to attack-time gradient estimators (snnadv.gradients: the
+# ``hart`` and ``pdsg`` paths).  They are not registered: HART's width is relative to each
+# layer's threshold and PDSG's is recomputed per layer and timestep from membrane statistics,
+# which the fused scans (and a checkpoint's surrogate setting) have no way to supply.
+
+
+class Triangle(Surrogate):
+    """HART's triangle (Hao et al., ICLR 2024): ds/du = max(0, w - |u - thr|) / w^2.
+
+    The width is relative to the layer's threshold, ``w = gamma * thr`` (HART's code has
+    thr = 1 and w = gamma); the area under the triangle is 1 for every ``gamma``.  A narrow
+    triangle passes gradient only at timesteps whose membrane is close to the threshold
+    (temporal information); a wide one passes nearly the same gradient at every timestep
+    (rate information).
+    """
+
+    name = "triangle"
+
+    def __init__(self, gamma: float = 1.0):
+        if not gamma > 0:
+            raise ValueError(f"the triangle's width must be positive, got {gamma}")
+        self.gamma = float(gamma)
+
+    def grad(self, mem, thr, dt):
+        w = self.gamma * thr
+        return torch.clamp(w - torch.abs(mem - thr), min=0.0) / (w * w)
+
+
+class ShiftedGaussian(Surrogate):
+    """PDSG's surrogate (Lun et al., CVPR 2025): a Gaussian density of the distance above
+    threshold, centred at sigma / 2, of standard deviation sigma:
+
+        ds/du = exp(-((u - thr - sigma/2) / (sqrt(2) sigma))^2) / (sqrt(2 pi) sigma)
+
+    ``sigma``: a number or a tensor broadcastable to the membrane (PDSG: the standard
+    deviation of the layer's membrane potentials, per channel, see
+    :func:`snnadv.gradients.pdsg_sigma`).
+    """
+
+    name = "shifted-gaussian"
+
+    def __init__(self, sigma: float | torch.Tensor = 1.0):
+        self.sigma = sigma
+
+    def grad(self, mem, thr, dt):
+        s = self.sigma
+        z = (mem - thr - 0.5 * s) / (math.sqrt(2.0) * s)
+        return torch.exp(-z * z) / (math.sqrt(2.0 * math.pi) * s)

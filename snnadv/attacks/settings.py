@@ -99,11 +99,13 @@ def proxy_path(path: str) -> bool:
 
 def all_paths(model, slope: float | None = None) -> list[str]:
     """What ``all`` means for an SNN: every registered path but the duplicates of another
-    (``bptt``: alg1's direction), and ``bptt-<s>`` when s (with ``slope``) is exactly the
-    model's training surrogate (then also alg1's direction)."""
+    (``bptt``: alg1's direction), ``bptt-<s>`` when s (with ``slope``) is exactly the
+    model's training surrogate (then also alg1's direction), and the paths marked
+    ``opt_in`` (``hart``, ``pdsg``: run by name, see :mod:`snnadv.gradients`)."""
     own = model.surrogate
     same = f"bptt-{own.name}" if make_surrogate(own.name, slope=slope).params() == own.params() else None
-    return [q for q in GRADIENTS if q != same and not getattr(GRADIENTS[q], "duplicate_of", None)]
+    return [q for q in GRADIENTS if q != same and not getattr(GRADIENTS[q], "duplicate_of", None)
+            and not getattr(GRADIENTS[q], "opt_in", False)]
 
 
 def resolve_paths(model, paths, slope: float | None = None) -> list[str]:
