@@ -145,15 +145,18 @@ def test_balancing_sets_each_threshold_to_its_input_current():
     T = 6
     thr = balance_thresholds(snn, images, T, 100.0, generator=torch.Generator().manual_seed(5))
     assert list(thr) == ["act1", "act2", "act3"]
-    # replay: the same generator draws one set of frames per layer balanced
-    g = torch.Generator().manual_seed(5)
+    # replay: batch i is encoded with seed s + i (s drawn once from the generator), the
+    # same frames for every layer balanced
+    base = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)))
     ref = _tiny_snn()
-    ref.encoder.generator = g
     with torch.no_grad():
+        ref.encoder.generator = torch.Generator().manual_seed(base)
         frames1 = ref.encoder(images[0], T)
         cur1 = ref.conv1(frames1.flatten(0, 1))
         assert thr["act1"] == pytest.approx(float(cur1.max()), rel=1e-6)
+        ref.encoder.generator = torch.Generator().manual_seed(base)
         frames2 = ref.encoder(images[0], T)
+        assert torch.equal(frames1, frames2)
         ref.set_thresholds({"act1": thr["act1"]})
         spk1 = ref.act1.multistep(ref.conv1(frames2.flatten(0, 1)).unflatten(0, (T, 3)))
         cur2 = ref.conv2(ref.pool1(spk1.flatten(0, 1)))
