@@ -108,25 +108,29 @@ STREAM_SPIKES = 0x5EED5B1C
 STREAM_START = 0x7A57A27E
 
 
-def _mul32(h, m: int):
-    """``h * m mod 2^32`` for ``h`` in [0, 2^32) (int64 tensor or int) and a 32-bit
-    constant ``m``, in two 16-bit halves of ``m`` so that no product reaches 2^63 (an
-    int64 multiplication never overflows)."""
-    lo = h * (m & 0xFFFF)
-    hi = ((h * (m >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _M32
-
-
 def mix32(h):
     """The 32-bit "lowbias32" integer finaliser (C. Wellons' hash prospector: two
-    xor-shift-multiply rounds, bias ~0.17): a bijection of [0, 2^32) that spreads each
-    input bit over the output.  Works elementwise on an int64 tensor with values in
-    [0, 2^32), or on a Python int."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x21F0AAAD)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x735A2D97)
+    xor-shift-multiply rounds): a bijection of [0, 2^32) that spreads each input bit
+    over the output.  Works elementwise on an int64 tensor with values in [0, 2^32)
+    (both multipliers are below 2^31, so no product reaches 2^63: int64 arithmetic
+    never overflows), or on a Python int."""
+    if isinstance(h, torch.Tensor):
+        return _mix32_(h.clone())
+    h ^= h >> 16
+    h = (h * 0x21F0AAAD) & _M32
+    h ^= h >> 15
+    h = (h * 0x735A2D97) & _M32
     return h ^ (h >> 15)
+
+
+def _mix32_(h: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` in place on an int64 tensor (the per-element work of the spikes)."""
+    h ^= h >> 16
+    h.mul_(0x21F0AAAD).bitwise_and_(_M32)
+    h ^= h >> 15
+    h.mul_(0x735A2D97).bitwise_and_(_M32)
+    h ^= h >> 15
+    return h
 
 
 def _fold(value: int) -> int:
@@ -148,29 +152,36 @@ def image_keys(seed: int, index: torch.Tensor, call: int, stream: int = STREAM_S
     (``stream``, ``seed``, the image's global ``index``, the ``call`` number)."""
     s = mix32(_fold(seed) ^ stream)
     idx = index.to(torch.int64)
-    k = mix32(idx & _M32) ^ mix32((idx >> 32) & _M32 ^ 0x85EBCA6B)  # indices of any size
+    k = mix32(idx & _M32) ^ mix32(((idx >> 32) & _M32) ^ 0x85EBCA6B)  # indices of any size
     k = mix32(k ^ s)
     return mix32(k ^ mix32((int(call) & _M32) ^ 0xC2B2AE35))
 
 
-def keyed_uniform(keys: torch.Tensor, shape, num_steps: int = 1, t0: int = 0) -> torch.Tensor:
-    """Uniform numbers in [0, 1) (float32 ``[num_steps, B, *shape]``) from the image
-    keys of :func:`image_keys` (int64 [B]): element (t, b, j) is a hash of (key_b,
-    timestep ``t0 + t``, the element's flat position j in ``shape``) only.
+def keyed_bits(keys: torch.Tensor, n: int, num_steps: int = 1, t0: int = 0) -> torch.Tensor:
+    """24 random bits per element (int64 ``[num_steps, B, n]``, values in [0, 2^24)) from
+    the image keys of :func:`image_keys` (int64 [B]): element (t, b, j) is a hash of
+    (key_b, timestep ``t0 + t``, j) only.
 
     The hash: per (t, b) ``base = mix32(key_b ^ mix32(t + c1))``, per element
-    ``h = mix32(base ^ mix32(j + c2))``, ``u = (h >> 8) * 2^-24`` (24 bits: exact in
-    float32), with :func:`mix32` in int64 tensor operations.  A value depends on t0 and
-    t only through t0 + t, so splitting the time loop in chunks changes nothing."""
-    n = 1
-    for d in shape:
-        n *= int(d)
+    ``h = mix32(base ^ mix32(j + c2))``, the bits ``h >> 8``, with :func:`mix32` in int64
+    tensor operations (in place on the big tensor).  A value depends on t0 and t only
+    through t0 + t, so splitting the time loop in chunks changes nothing."""
     device = keys.device
     t = torch.arange(t0, t0 + num_steps, dtype=torch.int64, device=device)
     base = mix32(keys.view(1, -1) ^ mix32((t + 0x27D4EB2F) & _M32).view(-1, 1))  # [T, B]
     pixel = mix32(torch.arange(n, dtype=torch.int64, device=device) + 0x165667B1)  # [n]
-    h = mix32(base.unsqueeze(-1) ^ pixel)  # [T, B, n]
-    u = (h >> 8).to(torch.float32) * (2.0 ** -24)
+    h = _mix32_(base.unsqueeze(-1) ^ pixel)  # [T, B, n]
+    h >>= 8
+    return h
+
+
+def keyed_uniform(keys: torch.Tensor, shape, num_steps: int = 1, t0: int = 0) -> torch.Tensor:
+    """Uniform numbers in [0, 1) (float32 ``[num_steps, B, *shape]``): ``u = bits * 2^-24``
+    of :func:`keyed_bits` (24 bits: exact in float32)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    u = keyed_bits(keys, n, num_steps, t0).to(torch.float32).mul_(2.0 ** -24)
     return u.view(num_steps, keys.shape[0], *shape)
 
 
@@ -183,6 +194,7 @@ class EncoderKeys:
         self.seed = int(seed)
         self.index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
         self.calls = 0
+        self.piece_calls = 0  # the count a piece of the batch ended at (narrowed)
         self._keys: dict = {}
 
     def begin(self, batch: int, device) -> torch.Tensor:
@@ -217,11 +229,14 @@ class EncoderKeys:
 
 
 def keyed_rate(x: torch.Tensor, num_steps: int, keys: torch.Tensor, t0: int = 0) -> torch.Tensor:
-    """:func:`rate` with keyed spikes: frame t of image b is ``keyed_uniform(...) < x``
-    (see :func:`keyed_uniform`), straight-through gradient as in :func:`rate`."""
+    """:func:`rate` with keyed spikes: frame t of image b is ``u < x`` with ``u`` of
+    :func:`keyed_uniform` (compared in integers: ``bits < ceil(x * 2^24)``, the same
+    in float32), straight-through gradient as in :func:`rate`."""
     p = x.detach()
-    u = keyed_uniform(keys, p.shape[1:], num_steps, t0)
-    spikes = (u < p.float().unsqueeze(0)).to(p.dtype)
+    B = p.shape[0]
+    threshold = torch.ceil(p.float().reshape(B, -1) * 2.0 ** 24).clamp_(-1, 2**24 + 1).to(torch.int64)
+    spikes = (keyed_bits(keys, threshold.shape[1], num_steps, t0) < threshold).to(p.dtype)
+    spikes = spikes.view(num_steps, *p.shape)
     if x.requires_grad:
         spikes = spikes + (x - p).unsqueeze(0)
     return spikes

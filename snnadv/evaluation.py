@@ -161,3 +161,13 @@ def curve_correctness(snn: SNN, images: torch.Tensor, labels: torch.Tensor, step
         snn.train(was_training)
     mine = torch.cat(hits, 1) if hits else torch.zeros((len(steps), 0), dtype=torch.bool, device=images.device)
     return parallel.gather_cat(mine.t().contiguous(), w).t().cpu()
+
+
+def accuracy_curve_on(snn: SNN, images: torch.Tensor, labels: torch.Tensor, steps: list[int],
+                      batch_size: int = 256, seed: int = 0, advance=None) -> dict[int, float]:
+    """Accuracy (%) after each of ``steps`` timesteps of one run per image, ``{t: percent}``
+    (:func:`curve_correctness`: keyed, sharded, the same for any number of processes)."""
+    ordered = sorted(set(int(t) for t in steps))
+    correct = curve_correctness(snn, images, labels, ordered, batch_size, seed, advance)
+    n = max(len(labels), 1)
+    return {t: 100.0 * int(correct[k].sum()) / n for k, t in enumerate(ordered)}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from snnadv import parallel
-from snnadv.attacks import PGD, craft
+from snnadv.attacks import PGD, craft, make_attack
 from snnadv.attacks.suite import correct_matrix, pgd_attack
 from snnadv.evaluation import accuracy_on, correctness, curve_correctness, predictions
 from snnadv.gradients import make_gradient
@@ -71,6 +71,15 @@ def _compute(batch_size: int, chunk_steps: int | None) -> dict:
     return out
 
 
+def _library() -> torch.Tensor:
+    """torchattacks' APGD (its own random numbers per batch): batches of 5, which the two
+    ranks' shards of 5 images make too."""
+    pytest.importorskip("torchattacks")
+    snn = _snn()
+    x, y = _data()
+    return craft(make_attack("apgd-ce", snn, EPS, steps=2, seed=0), x, y, 5, seed=13)
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -78,7 +87,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
     try:
         w = parallel.world()
         assert (w.rank, w.size) == (rank, 2)
-        torch.save(_compute(batch_size=3, chunk_steps=None), Path(folder) / f"rank{rank}.pt")
+        out = _compute(batch_size=3, chunk_steps=None)
+        try:
+            out["apgd"] = _library()
+        except pytest.skip.Exception:
+            pass
+        torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -98,6 +112,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     _same(ranks[0], ranks[1])  # every rank holds the whole gathered result
+    if "apgd" in ranks[0]:  # the same batches: the same result
+        assert torch.equal(ranks[0].pop("apgd"), _library())
+        ranks[1].pop("apgd")
     _same(one, ranks[0])
     assert one["pred"].shape == (2, N) and one["pgd"].shape == (N, 3, 32, 32)
     # not trivially equal: the draws differ, and the attacks moved the images within the ball
@@ -128,13 +145,13 @@ def test_cli_attack_under_torchrun_writes_what_one_process_writes(tmp_path, shar
     if not Path(script).is_file():
         pytest.skip("the snnadv command is not installed")
     ckpt = _tiny_checkpoint(tmp_path / "snn.pt")
-    args = ["attack", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--test-subset", "10",
+    args = ["attack", "--data-dir", str(shared_data), "--device", "cpu", "--test-subset", "10",
             "--source", "snn-conv", "--source-ckpt", str(ckpt), "--attack", "pgd", "--steps", "2",
             "--random-start", "--eot", "2", "--eval-draws", "2", "--timesteps", "6", "--seed", "3"]
     from snnadv.cli.main import main
 
     one = tmp_path / "one.json"
-    assert main([*args, "--batch-size", "4", "--out", str(one)]) == 0
+    assert main([*args, "--quiet", "--batch-size", "4", "--out", str(one)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two.json"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -142,6 +159,7 @@ def test_cli_attack_under_torchrun_writes_what_one_process_writes(tmp_path, shar
                           "--batch-size", "3", "--out", str(two)],
                          env=env, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("whitebox PGD") == 1  # one process group: rank 0 alone prints the table
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     for k in ("clean_acc", "adv_acc", "max_linf", "adv_minus_clean", "images", "gradient", "mode"):
         assert a[k] == b[k], k

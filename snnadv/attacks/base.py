@@ -74,7 +74,9 @@ class Attack:
 
     name = "attack"
     #: whether the attack's randomness is keyed by image inside :meth:`keyed` (its only
-    #: random numbers: the model's encoder spikes, and starts drawn from :meth:`uniform`)
+    #: random numbers: the model's encoder spikes, and starts drawn from :meth:`uniform`);
+    #: a subclass that draws other random numbers should say False (or draw them from
+    #: :meth:`uniform`)
     keyable = True
     #: (seed, global image indices) of the batch being attacked inside :meth:`keyed`
     key: tuple | None = None
