@@ -138,9 +138,10 @@ def curve_correctness(snn: SNN, images: torch.Tensor, labels: torch.Tensor, step
     """Which images ``snn`` classifies correctly after each of ``steps`` timesteps of one run
     (:meth:`SNN.forward_curve`): a CPU bool tensor ``[len(steps), images]`` (steps sorted).
 
-    The spikes are keyed by ``seed`` and the images' indices, this process evaluates its
-    shard and the result is gathered in order: the same for any number of processes and
-    any batch size (as :func:`predictions`).  The model is evaluated in eval mode and
+    The spikes are those of draw 0 of :func:`predictions` with this ``seed`` (keyed by its
+    seed and the images' indices), so the row of the last step is what :func:`correctness`
+    gives at that T with ``draws=1``; this process evaluates its shard and the result is
+    gathered in order: the same for any number of processes and any batch size.  The model is evaluated in eval mode and
     returned to its previous mode.
     """
     w = parallel.world()
@@ -152,7 +153,7 @@ def curve_correctness(snn: SNN, images: torch.Tensor, labels: torch.Tensor, step
     try:
         for i in range(part.start, part.stop, batch_size):
             j = min(i + batch_size, part.stop)
-            with encoder_keys(snn, seed, torch.arange(i, j, device=images.device)):
+            with encoder_keys(snn, _draw_seeds(seed, 1)[0], torch.arange(i, j, device=images.device)):
                 logits = snn.forward_curve(images[i:j], steps)  # [steps, B, classes]
             hits.append(logits.argmax(-1) == labels[i:j].to(logits.device))
             if advance:

@@ -215,7 +215,7 @@ def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, a
 
 def batch_seed(seed: int, start: int) -> int:
     """The encoder seed of an unkeyable attack's batch that starts at global index ``start``."""
-    return mix32((int(seed) * 0x9E3779B1 + int(start)) & 0xFFFFFFFF) | (int(seed) & 0x7FFFFFFF) << 32
+    return ((int(seed) & 0x7FFFFFFF) << 32) | mix32((int(seed) * 0x9E3779B1 + int(start)) & 0xFFFFFFFF)
 
 
 def _accepted(cls, settings: dict) -> dict:
