@@ -165,7 +165,13 @@ def keyed_bits(keys: torch.Tensor, n: int, num_steps: int = 1, t0: int = 0) -> t
     The hash: per (t, b) ``base = mix32(key_b ^ mix32(t + c1))``, per element
     ``h = mix32(base ^ mix32(j + c2))``, the bits ``h >> 8``, with :func:`mix32` in int64
     tensor operations (in place on the big tensor).  A value depends on t0 and t only
-    through t0 + t, so splitting the time loop in chunks changes nothing."""
+    through t0 + t, so splitting the time loop in chunks changes nothing.
+
+    Cost, measured on the 2-core CPU (one thread): ~62 M spikes/s, the same as the
+    generator path of :func:`rate` (0.97-1.02x at B=64, T=32 and B=16, T=100 on
+    CIFAR images; a VGG5 forward at B=16, T=32 unchanged within noise); the hash
+    holds 8 bytes per element of a chunk's input frames (the uniforms of
+    :func:`rate`: 4)."""
     device = keys.device
     t = torch.arange(t0, t0 + num_steps, dtype=torch.int64, device=device)
     base = mix32(keys.view(1, -1) ^ mix32((t + 0x27D4EB2F) & _M32).view(-1, 1))  # [T, B]
