@@ -129,38 +129,84 @@ def test_one_process_results_do_not_depend_on_batch_size_or_chunks():
     _same(a, b)
 
 
-def _tiny_checkpoint(path: Path) -> Path:
+def _tiny_checkpoint(path: Path, stage: str = "snn-conv", seed: int = 0) -> Path:
+    """A checkpoint of a tiny model with random weights (an SNN with low thresholds)."""
     from snnadv.checkpoint import model_settings, save_checkpoint, weights
+    from snnadv.models import ANN
 
-    snn = _snn()
-    return save_checkpoint(path, {"stage": "snn-conv", "dataset": "cifar10", "spec": snn.spec.to_dict(),
-                                  "model": model_settings(snn), "state_dict": weights(snn), "config": {},
+    if stage == "ann":
+        torch.manual_seed(seed)
+        model = ANN(get_spec("tiny", 10))
+    else:
+        model = _snn()
+        if seed:
+            torch.manual_seed(seed)
+            model = SNN(get_spec("tiny", 10), num_steps=6, leak=0.95)
+            model.set_thresholds({n: 0.3 for n in model.neuron_names})
+    return save_checkpoint(path, {"stage": stage, "dataset": "cifar10", "spec": model.spec.to_dict(),
+                                  "model": model_settings(model), "state_dict": weights(model), "config": {},
                                   "metrics": {}, "parent": None, "train_state": None})
 
 
-def test_cli_attack_under_torchrun_writes_what_one_process_writes(tmp_path, shared_data):
-    """``torchrun --nproc-per-node 2 snnadv attack ...`` (gloo on the CPU) writes the JSON a
-    single process writes (the timing and the output path aside)."""
+def _table_config(folder: Path) -> Path:
+    """A config naming the table's six checkpoints (tiny random models, two seeds)."""
+    lines = ["[table]"]
+    for role, stage in (("ann", "ann"), ("snn_conv", "snn-conv"), ("snn_bp", "snn-bp")):
+        for suffix, seed in (("", 1), ("_ii", 2)):
+            path = _tiny_checkpoint(folder / f"{role}{suffix}.pt", stage, seed)
+            lines.append(f'{role}{suffix} = "{path}"')
+    cfg = folder / "table.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+#: the command line of each stage, what its JSON must share with one process's, and a line of its table
+CLI = {
+    "attack": (["--source", "snn-conv", "--source-ckpt", "{ckpt}", "--attack", "pgd", "--steps", "2",
+                "--random-start", "--eot", "2", "--eval-draws", "2"],
+               ("clean_acc", "adv_acc", "max_linf", "adv_minus_clean", "images", "gradient", "mode"), "whitebox PGD"),
+    "evaluate": (["--target-ckpt", "{ckpt}", "--suite", "adaptive", "--paths", "alg1", "--steps", "2",
+                  "--restarts", "2", "--eot", "2", "--eval-draws", "2", "--no-library"],
+                 ("clean", "worst_case", "eps", "images", "flags"), "Robustness of"),
+    "table": (["--config", "{config}", "--steps", "2", "--eval-draws", "2"],
+              ("table1", "table2", "comparisons", "images"), "Table 1: clean and adversarial"),
+}
+
+
+@pytest.mark.parametrize("stage", list(CLI))
+def test_cli_under_torchrun_writes_what_one_process_writes(stage, tmp_path, shared_data):
+    """``torchrun --nproc-per-node 2 snnadv attack|evaluate|table ...`` (gloo on the CPU) writes the
+    JSON a single process writes (timings and output paths aside), and prints once."""
     script = shutil.which("snnadv") or str(Path(sys.executable).parent / "snnadv")
     if not Path(script).is_file():
         pytest.skip("the snnadv command is not installed")
     ckpt = _tiny_checkpoint(tmp_path / "snn.pt")
-    args = ["attack", "--data-dir", str(shared_data), "--device", "cpu", "--test-subset", "10",
-            "--source", "snn-conv", "--source-ckpt", str(ckpt), "--attack", "pgd", "--steps", "2",
-            "--random-start", "--eot", "2", "--eval-draws", "2", "--timesteps", "6", "--seed", "3"]
+    config = _table_config(tmp_path) if stage == "table" else None
+    options, same, title = CLI[stage]
+    args = [stage, "--data-dir", str(shared_data), "--device", "cpu", "--test-subset", "10", "--seed", "3",
+            *(["--timesteps", "6"] if stage != "table" else []), *[a.format(ckpt=ckpt, config=config) for a in options]]
     from snnadv.cli.main import main
 
-    one = tmp_path / "one.json"
+    one, two = (tmp_path / (f"{n}.json" if stage != "table" else n) for n in ("one", "two"))
     assert main([*args, "--quiet", "--batch-size", "4", "--out", str(one)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = tmp_path / "two.json"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script, *args,
                           "--batch-size", "3", "--out", str(two)],
                          env=env, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("whitebox PGD") == 1  # one process group: rank 0 alone prints the table
+    assert run.stdout.count(title) == 1  # one process group: rank 0 alone prints the table
+    if stage == "table":
+        one, two = one / "tables.json", two / "tables.json"
+        assert not list((tmp_path / "two" / "pieces").glob("*.tmp*"))
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    for k in ("clean_acc", "adv_acc", "max_linf", "adv_minus_clean", "images", "gradient", "mode"):
+    for k in same:
         assert a[k] == b[k], k
-    assert len(a["adv_acc"]["correct"]) == 2 and len(a["adv_acc"]["correct"][0]) == 10
+    if stage == "attack":
+        assert len(a["adv_acc"]["correct"]) == 2 and len(a["adv_acc"]["correct"][0]) == 10
+    elif stage == "table":
+        assert len(a["table1"]["clean"]["snn_bp"]["correct"][0]) == 10
+    else:
+        assert [r["acc"] for r in a["rows"]] == [r["acc"] for r in b["rows"]]
+        assert [r["max_linf"] for r in a["rows"]] == [r["max_linf"] for r in b["rows"]]
+        assert a["gradient_stats"] == b["gradient_stats"]
