@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel
 from .attacks import check_eps
 from .attacks.settings import EvalSettings, proxy_path, resolve_paths
 from .attacks.suite import evaluate_model
@@ -72,11 +73,12 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     """``snnadv evaluate``: load the target, run the suite, print, write JSON/Markdown/plot.
 
     The outputs are claimed (:mod:`snnadv.outputs`) once the target is loaded, before any attack."""
+    parallel.init_from_env(resolve_device(cfg["device"]))  # under torchrun: join the process group (once)
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg.get("target_ckpt") is None:
         raise SnnadvError("evaluate needs --target-ckpt")
     s = EvalSettings.from_config({**cfg, "batch_size": cfg.get("batch_size") or 64})
-    device = resolve_device(cfg["device"])
+    device = parallel.rank_device(resolve_device(cfg["device"]))
     torch.manual_seed(cfg["seed"])
     model, info, ckpt = load_attack_model(cfg["target_ckpt"], None, device, cfg.get("timesteps"),
                                           cfg.get("input_bits"), cfg.get("precision"))
@@ -125,9 +127,11 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     warnings.extend(result["warnings"])
     result["warnings"] = warnings  # the same list: the plot's warning lands in the JSON too
     print_result(result, reporter)
-    result["plot"] = plot_eps(result, png_path, warn)
-    write_json(json_path, result)
-    atomic_write_text(md_path, evaluate_markdown(result))
+    main = parallel.world().main  # under torchrun, rank 0 writes
+    result["plot"] = plot_eps(result, png_path, warn) if main else None
+    if main:
+        write_json(json_path, result)
+        atomic_write_text(md_path, evaluate_markdown(result))
     reporter.print(f"[green]saved[/] {json_path} and {md_path}" + (f" and {png_path}" if result["plot"] else ""))
     return result
 

@@ -271,8 +271,26 @@ class Outputs:
 
         ``inputs``: ``{option: path}`` the outputs must differ from (the config and the
         data folders are added); ``replace``: the existing results the overwrite rule
-        protects (default the first path).
+        protects (default the first path).  Under ``torchrun`` only rank 0 claims (and
+        writes); an error there is raised on every process.
         """
+        from . import parallel
+
+        w = parallel.world()
+        if w.distributed:  # one claim, by the process that writes (rank 0); its error on every process
+            error = None
+            if w.main:
+                try:
+                    self._claim(paths, cfg, inputs, resumable, folder, replace)
+                except SnnadvError as e:
+                    error = e
+            error = parallel.broadcast_object(error)
+            if error is not None:
+                raise error
+            return
+        self._claim(paths, cfg, inputs, resumable, folder, replace)
+
+    def _claim(self, paths, cfg: dict, inputs, resumable: bool, folder: bool, replace) -> None:
         paths = [Path(p) for p in paths]
         inputs = {**(inputs or {}), "--config": cfg.get("config"), "--data-dir": data_inputs(cfg.get("data_dir"))}
         check_not_inputs(paths, inputs)

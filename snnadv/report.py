@@ -1,7 +1,8 @@
 """Progress display and result output shared by every stage (rich + JSON).
 
 A :class:`Reporter` owns the console: progress bars for long work, tables for
-results.  ``quiet=True`` silences it (tests, library use).  When the output is not a
+results.  ``quiet=True`` silences it (tests, library use); under ``torchrun`` only
+rank 0 shows anything (the others are quiet).  When the output is not a
 terminal (a log file), a long loop prints a plain line instead of a bar every
 ``progress_every`` seconds (30, or ``$SNNADV_PROGRESS_EVERY``): description,
 done/total, elapsed, estimate left.  Result files are written by :mod:`snnadv.outputs`
@@ -29,10 +30,24 @@ class Reporter:
         self.console = console or Console(quiet=quiet, highlight=False)
         if console is None and not self.console.is_terminal:
             self.console.width = max(self.console.width, 160)  # logs: do not cut wide tables
-        self.quiet = quiet
+        self._quiet = quiet
         self.progress_every = progress_every or float(os.environ.get("SNNADV_PROGRESS_EVERY") or 30.0)
 
+    @property
+    def quiet(self) -> bool:
+        """Quiet as asked, or on every process but rank 0 (asked when it matters: the process
+        group may be joined after the reporter is made)."""
+        from . import parallel
+
+        return self._quiet or not parallel.world().main
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:
+        self._quiet = bool(value)
+
     def print(self, *args, **kwargs) -> None:
+        if self.quiet and not self._quiet:
+            return  # another rank's (an asked-for quiet is the console's own)
         self.console.print(*args, **kwargs)
 
     @contextmanager
@@ -62,7 +77,7 @@ class Reporter:
             t.add_column(c, justify="right" if c != columns[0] else "left")
         for r in rows:
             t.add_row(*[fmt(v) for v in r])
-        self.console.print(t)
+        self.print(t)
         return t
 
 

@@ -19,18 +19,20 @@ target that needs it (the blackbox ANN-II sets serve Table 1 and Table 2).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from . import parallel
+from .atomic import _jsonable
 from .attacks import check_eps, craft, make_attack, parse_eps, takes
 from .checkpoint import build_model, file_hash, load_checkpoint
 from .config import resolve_device
 from .data import load_split, to_float
-from .encoding import encoder_seed
 from .errors import SnnadvError
-from .evaluation import accuracy_on, decode_correct, is_snn
+from .evaluation import accuracy_on, decode_correct, is_snn, predictions
 from .gradients import make_gradient
 from .outputs import Outputs, Pieces, atomic_write_text, guarded, remove_orphans, tensor_hash, write_json
 from .report import Reporter
@@ -70,6 +72,7 @@ def _attack_settings(cfg: dict, attacks: list[str]) -> dict:
 @guarded
 def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """``snnadv attack``: craft on the source, evaluate clean and adversarial accuracy of the target."""
+    parallel.init_from_env(resolve_device(cfg["device"]))  # under torchrun: join the process group (once)
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg["source_ckpt"] is None:
         raise SnnadvError("attack needs --source-ckpt")
@@ -89,7 +92,7 @@ def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | N
         raise SnnadvError(f"--eot must be a positive integer, got {eot}")
     if cfg["source"] == "ann" and eot > 1:
         raise SnnadvError("--eot applies to SNN sources only (an ANN's gradient has no randomness to average)")
-    device = resolve_device(cfg["device"])
+    device = parallel.rank_device(resolve_device(cfg["device"]))
     torch.manual_seed(cfg["seed"])
     source, src_info, src_ckpt = load_attack_model(cfg["source_ckpt"], cfg["source"], device,
                                                    cfg["timesteps"], cfg["input_bits"], cfg.get("precision"))
@@ -111,9 +114,8 @@ def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | N
         shift = torch.randint(1, _num_classes(tgt_ckpt), labels.shape, generator=gen, device=device)
         targets = (labels + shift) % _num_classes(tgt_ckpt)
     t0 = time.perf_counter()
-    with reporter.progress(f"crafting {cfg['attack']} on {src_info['stage']} ({gradient.name})", len(images)) as adv, \
-            encoder_seed(source, cfg["seed"], device):
-        x_adv = craft(attack, images, labels, cfg["batch_size"], adv, targets)
+    with reporter.progress(f"crafting {cfg['attack']} on {src_info['stage']} ({gradient.name})", len(images)) as adv:
+        x_adv = craft(attack, images, labels, cfg["batch_size"], adv, targets, seed=cfg["seed"])
     craft_s = time.perf_counter() - t0
     draws, bs = int(cfg["eval_draws"]), cfg["batch_size"]
     clean = accuracy_on(target, images, labels, bs, draws, cfg["seed"], per_sample=True)
@@ -135,7 +137,8 @@ def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | N
                    ["target", "clean %", "adversarial %", "Δ (paired)", "images", "draws"],
                    [[tgt_info["stage"], cell_text(clean), cell_text(adv_acc), delta_text(diff), len(images), draws]])
     reporter.print(SIGNIFICANCE_NOTE)
-    write_json(out, result)
+    if parallel.world().main:
+        write_json(out, result)
     return result
 
 
@@ -143,10 +146,9 @@ def _num_classes(ckpt: dict) -> int:
     return int(ckpt["spec"]["num_classes"])
 
 
-@torch.no_grad()
 def _predict(model, images, batch_size, seed):
-    with encoder_seed(model, seed, images.device):
-        return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    """One draw's predictions (keyed, sharded: :func:`snnadv.evaluation.predictions`)."""
+    return predictions(model, images, batch_size, 1, seed)[0]
 
 
 # --------------------------------------------------------------------------- tables
@@ -156,6 +158,7 @@ ROLES = {"ann": "ANN", "snn_conv": "SNN-conv", "snn_bp": "SNN-BP"}
 @guarded
 def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """Paper Table 1 (whitebox + blackbox from ANN-II) and Table 2 (sources II x targets I)."""
+    parallel.init_from_env(resolve_device(cfg["device"]))  # under torchrun: join the process group (once)
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     out = Path(cfg["out"] or "runs/table")
     out = out.parent / out.stem if out.suffix else out
@@ -163,8 +166,10 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
                   inputs={f"[table] {r}{x}": cfg.get(r + x) for r in ROLES for x in ("", "_ii")})
     attacks = [str(a) for a in cfg["attacks"]]
     settings = _attack_settings(cfg, attacks)
-    device = resolve_device(cfg["device"])
-    remove_orphans(out / "pieces")  # temporary files of a killed run (the folder is ours: locked)
+    device = parallel.rank_device(resolve_device(cfg["device"]))
+    main = parallel.world().main
+    if main:
+        remove_orphans(out / "pieces")  # temporary files of a killed run (the folder is ours: locked)
     torch.manual_seed(cfg["seed"])
     steps_for = {"ann": None, "snn_conv": cfg["conv_timesteps"], "snn_bp": cfg["bp_timesteps"]}
     models, infos = {}, {}
@@ -199,14 +204,14 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
             what = {"source": model_id[source_key], "attack": attack_name, "gradient": grad.name,
                     **{k: v for k, v in settings.items() if k != "warnings"}}
             x = pieces.load_tensor(f"adv-{source_key}-{attack_name}", what)
-            if x is None:
+            if parallel.any_rank(x is None, device):  # every process makes it, or none does
                 gen = torch.Generator(device=device).manual_seed(seed)
                 atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
                                   settings["random_start"], grad, False, gen)
-                with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv, \
-                        encoder_seed(model, seed, device):
-                    x = craft(atk, images, labels, bs, adv)
-                pieces.save_tensor(f"adv-{source_key}-{attack_name}", what, x)
+                with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv:
+                    x = craft(atk, images, labels, bs, adv, seed=seed)
+                if main:
+                    pieces.save_tensor(f"adv-{source_key}-{attack_name}", what, x)
             cache[(source_key, attack_name)] = x
         return cache[(source_key, attack_name)]
 
@@ -216,10 +221,11 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
                 "input": "clean" if source_key is None else [source_key, attack_name]}
         name = f"acc-{target_key}-" + ("clean" if source_key is None else f"{source_key}-{attack_name}")
         found = pieces.load_json(name, what)
-        if found is None:
+        if parallel.any_rank(found is None, device):  # every process computes it, or none does
             found = accuracy_on(models[target_key], x, labels, bs, draws, seed, per_sample=True)
-            pieces.save_json(name, what, found)
-            found = pieces.load_json(name, what) or found  # as a resumed run reads it (JSON types)
+            if main:
+                pieces.save_json(name, what, found)
+            found = json.loads(json.dumps(found, default=_jsonable))  # as a resumed run reads it (JSON types)
         return found
 
     result = {"settings": {k: v for k, v in settings.items() if k != "warnings"}, "gradient": cfg["gradient"],
@@ -236,9 +242,10 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
                             for a in attacks}
     result["comparisons"] = comparisons(result, seed)
     _print_tables(result, reporter)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "tables.json", result)
-    atomic_write_text(out / "tables.md", tables_markdown(result))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "tables.json", result)
+        atomic_write_text(out / "tables.md", tables_markdown(result))
     reporter.print(f"[green]saved[/] {out / 'tables.json'} and {out / 'tables.md'}")
     return result
 

@@ -135,8 +135,11 @@ def test_every_attack_stays_in_the_eps_ball(kind, toy_attack):
 
 # ----------------------------------------------------------------- the one PGD = the suite's former loop
 def _reference_pgd(model, source, images, labels, eps, alpha, steps, restarts, batch_size, seed, select=None):
-    """The adaptive suite's PGD as it was written before the one PGD loop (the reference twin)."""
-    from snnadv.encoding import encoder_seed
+    """The adaptive suite's PGD as it was written before the one PGD loop (the reference twin),
+    with the keyed randomness of ``craft(..., seed=)``: per batch, spikes keyed by the seed
+    and the images' indices (each forward pass a new call), restarts from uniforms keyed
+    by image and restart."""
+    from snnadv.encoding import STREAM_START, encoder_keys, image_keys, keyed_uniform
 
     def run(x0, y, start, select):
         def proj(x):
@@ -157,14 +160,16 @@ def _reference_pgd(model, source, images, labels, eps, alpha, steps, restarts, b
                 x = proj(x + alpha * grad.sign())
         return best, best_m
 
-    gen = torch.Generator().manual_seed(seed)
+    key = seed * 7919 + 104729
     out = []
-    with encoder_seed(model, seed * 7919 + 104729):
-        for i in range(0, len(images), batch_size):
-            x0, y = images[i:i + batch_size], labels[i:i + batch_size]
+    for i in range(0, len(images), batch_size):
+        x0, y = images[i:i + batch_size], labels[i:i + batch_size]
+        index = torch.arange(i, i + len(x0))
+        with encoder_keys(model, key, index):
             best = best_m = None
             for r in range(restarts):
-                start = None if r == 0 else torch.rand(x0.shape, generator=gen) * 2 - 1
+                start = None if r == 0 else \
+                    keyed_uniform(image_keys(key, index, r, STREAM_START), x0.shape[1:])[0] * 2 - 1
                 x, m = run(x0, y, start, select)
                 if best is None:
                     best, best_m = x, m

@@ -231,8 +231,14 @@ def write_outputs(out: Path, name: str, result: dict, columns: list[str], rows: 
     """Write ``<name>.csv``, ``<name>.png`` (``draw(fig_factory) -> fig``) and ``<name>.json``.
 
     ``draw`` gets :func:`figure` and returns the finished figure (or None).  Without
-    matplotlib the figure is skipped with a warning; the JSON says so.
+    matplotlib the figure is skipped with a warning; the JSON says so.  Under ``torchrun``
+    only rank 0 writes (the others return the result with ``csv`` and ``figure`` None).
     """
+    from .. import parallel
+
+    if not parallel.world().main:
+        result["csv"] = result["figure"] = None
+        return result
     csv_path = write_csv(out / f"{name}.csv", columns, rows)
     result["csv"] = csv_path.name
     result["figure"] = None

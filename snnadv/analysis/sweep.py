@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .. import parallel
 from .. import robustness as rob
 from .. import train as train_mod
 from ..attacks import check_eps, craft, make_attack, parse_eps, takes
@@ -182,7 +183,7 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
                                   make_gradient(source), False, gen)
                 with reporter.progress(f"crafting {a} on the source ANN ({bits_label(bits)}-bit input)",
                                        len(images)) as adv:
-                    sets[a] = craft(atk, images, labels, cfg["batch_size"], adv)
+                    sets[a] = craft(atk, images, labels, cfg["batch_size"], adv, seed=cfg["seed"])
             cache[("adv", bits)] = sets
         return cache[("adv", bits)]
 
@@ -219,7 +220,8 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
                 rec = {"key": key, "signature": sig, "complete": True, "settings": settings, "inputs": inputs,
                        "models": {"ann": ann_info, "source": src_info}, "accuracy": accs,
                        "seconds": time.perf_counter() - t0, "versions": versions()}
-                write_json(sdir / f"{key}.json", rec)
+                if parallel.world().main:
+                    write_json(sdir / f"{key}.json", rec)
                 status = "computed"
             else:
                 status = "reused"
@@ -275,7 +277,8 @@ def run_sweep(cfg: dict, name: str, reporter: Reporter | None = None) -> dict:
         rec = {"key": s.key, "signature": sig, "complete": True, "settings": settings, "inputs": inputs,
                "models": models, "accuracy": accs, "finetune": finetune_metrics,
                "seconds": time.perf_counter() - t0, "versions": versions()}
-        write_json(sdir / f"{s.key}.json", rec)
+        if parallel.world().main:
+            write_json(sdir / f"{s.key}.json", rec)
         n_done += 1
         reporter.print(f"    clean {accs['clean']['mean']:.2f}%  "
                        + "  ".join(f"{a} {accs[a]['mean']:.2f}%" for a in p["attacks"])

@@ -3,7 +3,11 @@
 torchattacks differentiates the module itself: on an SNN that is BPTT with the
 training surrogate through the straight-through encoder, an SNN drawing fresh spikes
 on every call (seed its encoder, :func:`snnadv.encoding.encoder_seed`, to make a run
-reproducible).  torchattacks re-seeds the global RNG; here it runs inside
+reproducible; :func:`snnadv.attacks.craft` with a seed does that per batch, from the
+seed and the batch's first image).  Its random numbers are drawn per batch, not per
+image: sharded over processes, the result is the same as one process's only for the
+same batches (the same batch size, every shard boundary at a multiple of it).
+torchattacks re-seeds the global RNG; here it runs inside
 :func:`torch.random.fork_rng`, so the caller's RNG is untouched.  The result goes
 through the package's eps-ball projection like every other attack's.
 
@@ -32,6 +36,11 @@ def _torchattacks():
 
 class LibraryAttack(Attack):
     """A torchattacks attack behind :class:`Attack`'s interface (untargeted)."""
+
+    #: torchattacks draws its own random numbers for the whole batch (and runs the model on
+    #: parts of it), so its randomness cannot be keyed by image: :func:`~snnadv.attacks.craft`
+    #: seeds the encoder per batch instead (the same result only for the same batches)
+    keyable = False
 
     def __init__(self, model, eps: float = 8 / 255, targeted: bool = False):
         check_eps(eps)

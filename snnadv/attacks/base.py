@@ -21,16 +21,29 @@ Large T.  On a GPU, an SNN's gradient is taken in pieces of the batch when the w
 batch would not fit the free memory by the estimate of :mod:`snnadv.memory` (BPTT at
 T=2500 keeps ~0.4 MB per image and step); the loss is a sum over images, so the
 pieces' gradients are the batch's gradient (with the encoder's draws in a different
-order).  On a CPU the batch is never split.
+order; with keyed spikes, each piece draws exactly what it would in the whole
+batch).  On a CPU the batch is never split.
+
+Keyed and sharded (:func:`craft` with a ``seed``): each process crafts its contiguous
+shard of the images (:mod:`snnadv.parallel`) and the adversarial images are gathered
+back in order on every process.  The package's own attacks (:attr:`Attack.keyable`:
+FGSM, PGD) run each batch inside :meth:`Attack.keyed`: every forward pass of the SNN
+in the attack (each step, each EOT draw) draws spikes keyed by the seed, the image's
+global index and the pass's number (:func:`snnadv.encoding.encoder_keys`), and PGD's
+random starts are keyed by image too, so the crafted images are the same for any
+number of processes and any batch size.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .. import parallel
+from ..encoding import STREAM_START, current_keys, encoder_keys, encoder_seed, image_keys, keyed_uniform, mix32
 from ..errors import SnnadvError
 from ..gradients import make_gradient
 from ..registry import ATTACKS
@@ -60,6 +73,13 @@ class Attack:
     """Base: holds the model, eps, the gradient source and the target mode."""
 
     name = "attack"
+    #: whether the attack's randomness is keyed by image inside :meth:`keyed` (its only
+    #: random numbers: the model's encoder spikes, and starts drawn from :meth:`uniform`);
+    #: a subclass that draws other random numbers should say False (or draw them from
+    #: :meth:`uniform`)
+    keyable = True
+    #: (seed, global image indices) of the batch being attacked inside :meth:`keyed`
+    key: tuple | None = None
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, gradient=None, targeted: bool = False):
         check_eps(eps)
@@ -84,6 +104,29 @@ class Attack:
                 target_labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    @contextmanager
+    def keyed(self, seed: int, index: torch.Tensor):
+        """Attack the batch of images with global indices ``index`` with keyed randomness:
+        the model's spikes come from :func:`snnadv.encoding.encoder_keys` (``seed``,
+        ``index``; every forward pass in the block is a new call), and :meth:`uniform`
+        draws from the same hash."""
+        self.key = (int(seed), index)
+        try:
+            with encoder_keys(self.model, seed, index):
+                yield self
+        finally:
+            self.key = None
+
+    def uniform(self, shape, draw: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Uniform numbers in [0, 1) of ``shape`` (a batch): keyed by (seed, image index,
+        ``draw``) inside :meth:`keyed` (:func:`snnadv.encoding.keyed_uniform`, a stream
+        apart from the spikes'), else drawn from ``generator``."""
+        if self.key is None:
+            return torch.rand(shape, generator=generator, device=device)
+        seed, index = self.key
+        keys = image_keys(seed, index.to(device), draw, STREAM_START)
+        return keyed_uniform(keys, tuple(shape[1:]))[0]
+
     def project(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """:func:`project` with this attack's eps."""
         return project(x, images, self.eps)
@@ -102,7 +145,16 @@ class Attack:
         piece = self.piece_size(x)
         if piece >= len(x):
             return self.gradient(x, labels)
-        parts = [self.gradient(x[i:i + piece], labels[i:i + piece]) for i in range(0, len(x), piece)]
+        keys = current_keys(self.model)
+        parts = []
+        for i in range(0, len(x), piece):
+            if keys is None:
+                parts.append(self.gradient(x[i:i + piece], labels[i:i + piece]))
+                continue
+            with keys.narrowed(i, i + piece):  # each piece draws the spikes the whole batch would
+                parts.append(self.gradient(x[i:i + piece], labels[i:i + piece]))
+        if keys is not None:
+            keys.calls = keys.piece_calls
         return torch.cat([g for g, _ in parts]), torch.cat([z for _, z in parts])
 
     def piece_size(self, x: torch.Tensor) -> int:
@@ -119,15 +171,51 @@ class Attack:
 
 
 def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, advance=None,
-          target_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Adversarial versions of ``images`` (float [0, 1]), batch by batch."""
+          target_labels: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+    """Adversarial versions of ``images`` (float [0, 1]), batch by batch.
+
+    ``seed=None``: every image here, in batches, with whatever randomness the caller set
+    up.  With a ``seed``: keyed and sharded (the module docstring): this process crafts
+    its shard of the images, gathered in order on every process.  A :attr:`~Attack.keyable`
+    attack runs each batch inside :meth:`Attack.keyed` (``seed``, the batch's global
+    indices): the same result for any number of processes and any batch size.  Any other
+    (torchattacks' APGD and Square, which draw their own random numbers for the whole
+    batch) runs each batch with the model's encoder seeded from ``seed`` and the batch's
+    first global index: the same result only for the same batches, i.e. the same batch
+    size with every shard boundary at a multiple of it.
+
+    ``advance(n)`` after every batch (keyed: n times the number of processes, about the
+    whole set's progress counted on one process's share).
+    """
+    if seed is None:
+        out = []
+        for i in range(0, len(images), batch_size):
+            t = None if target_labels is None else target_labels[i:i + batch_size]
+            out.append(attack(images[i:i + batch_size], labels[i:i + batch_size], t))
+            if advance:
+                advance(len(out[-1]))
+        return torch.cat(out) if out else images.clone()
+    w = parallel.world()
+    part = parallel.shard(len(images), w)
     out = []
-    for i in range(0, len(images), batch_size):
-        t = None if target_labels is None else target_labels[i:i + batch_size]
-        out.append(attack(images[i:i + batch_size], labels[i:i + batch_size], t))
+    for i in range(part.start, part.stop, batch_size):
+        j = min(i + batch_size, part.stop)
+        t = None if target_labels is None else target_labels[i:j]
+        if getattr(attack, "keyable", False):
+            block = attack.keyed(seed, torch.arange(i, j, device=images.device))
+        else:
+            block = encoder_seed(attack.model, batch_seed(seed, i), images.device)
+        with block:
+            out.append(attack(images[i:j], labels[i:j], t))
         if advance:
-            advance(len(out[-1]))
-    return torch.cat(out)
+            advance((j - i) * w.size)
+    mine = torch.cat(out) if out else images[:0].clone()
+    return parallel.gather_cat(mine, w)
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The encoder seed of an unkeyable attack's batch that starts at global index ``start``."""
+    return ((int(seed) & 0x7FFFFFFF) << 32) | mix32((int(seed) * 0x9E3779B1 + int(start)) & 0xFFFFFFFF)
 
 
 def _accepted(cls, settings: dict) -> dict:

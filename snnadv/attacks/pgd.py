@@ -4,7 +4,8 @@ One loop serves the paper's attack (:class:`PGD` with its defaults: one run from
 clean image, or from a random point with ``random_start``, returning the last
 iterate) and the adaptive evaluation (:mod:`snnadv.attacks.suite`): ``restarts`` runs,
 the first from the clean image (or a random point with ``random_start``), the others
-from uniform random points of the eps-ball (drawn from ``generator``), keeping per
+from uniform random points of the eps-ball (drawn from ``generator``; inside
+:meth:`~snnadv.attacks.Attack.keyed`, keyed by image and restart instead), keeping per
 image the best iterate of all steps and runs (``keep_best``).  "Best" = the lowest
 margin z_y - max_{j != y} z_j (targeted: max_{j != t} z_j - z_t), read from the logits
 the gradient source returns with each gradient (for an SNN: the EOT mean of that
@@ -53,7 +54,7 @@ class PGD(Attack):
         for r in range(self.restarts):
             start = None
             if self.random_start or r > 0:
-                start = torch.rand(images.shape, generator=self.generator, device=images.device) * 2 - 1
+                start = self.uniform(images.shape, r, self.generator, images.device) * 2 - 1
             x, m = self.run(images, labels, target_labels, start)
             if best is None:
                 best, best_m = x, m

@@ -10,9 +10,18 @@ numbers; ``snnadv evaluate`` (:mod:`snnadv.adaptive`) runs it on a checkpoint.
 Expected accuracy.  An SNN's prediction is a random variable (the encoder's
 spikes).  Its accuracy on a set of images is reported as the mean over K
 independent encoder draws (``eval_draws``) with the spread (std over draws),
-never one lucky draw.  Draw k always uses the same generator seed, for every
+never one lucky draw.  Draw k always uses the same keyed spikes, for every
 attack: the draws are *common random numbers*, so two attacks are compared on
 identical spike noise.
+
+Processes.  Under ``torchrun`` every attack and evaluation is sharded over the
+processes and gathered in order (:func:`snnadv.attacks.craft`,
+:func:`snnadv.evaluation.correctness`), with spikes keyed by image index
+(:func:`snnadv.encoding.encoder_keys`): the result is the same for any number of
+processes and any batch size, except torchattacks' attacks (APGD, Square), which draw
+their own random numbers per batch: the same only for the same batches (the same batch
+size, every shard boundary at a multiple of it).  The gradient statistics run on every
+process on the same few images.
 
 EOT.  Gradient-based attacks on a stochastic model use the mean input gradient of
 M independent draws per step (``eot``; M = 1 is the paper's setting):
@@ -64,9 +73,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..encoding import encoder_seed
+from ..encoding import current_keys, encoder_keys, encoder_seed
 from ..errors import SnnadvError
-from ..evaluation import _draw_seeds, is_snn, summarize
+from ..evaluation import correctness, is_snn, summarize
 from ..gradients import make_gradient
 from ..masking import MASKING_FLAGS, gradient_stats, sanity_flags
 from .base import craft, make_attack
@@ -83,28 +92,16 @@ LIBRARY_PATH = "bptt"
 
 
 # --------------------------------------------------------------------------- evaluation pieces
-@torch.no_grad()
 def correct_matrix(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
                    draws: int = 1, seed: int = 0) -> torch.Tensor:
-    """Boolean [K, N]: image i classified correctly at encoder draw k.
+    """Boolean [K, N] (on the CPU): image i classified correctly at encoder draw k.
 
-    Draw k uses the generator seed of :func:`snnadv.evaluation.accuracy_on` (the same
-    seeds for every call: common random numbers), so row means are exactly the
-    per-draw accuracies ``accuracy_on`` reports.  K = 1 for a deterministic model.
+    Draw k uses the keyed spikes of :func:`snnadv.evaluation.correctness` (the same
+    seeds for every call: common random numbers; the same for any batch size and number
+    of processes), so row means are exactly the per-draw accuracies ``accuracy_on``
+    reports.  K = 1 for a deterministic model.
     """
-    snn = is_snn(model)
-    was_training = model.training
-    model.eval()
-    rows = []
-    try:
-        for s in _draw_seeds(seed, draws if snn else 1):
-            with encoder_seed(model, s):
-                pred = torch.cat([model(images[i:i + batch_size]).argmax(1)
-                                  for i in range(0, len(images), batch_size)])
-            rows.append(pred == labels)
-    finally:
-        model.train(was_training)
-    return torch.stack(rows)
+    return correctness(model, images, labels, batch_size, draws, seed)
 
 
 def accuracy_summary(correct: torch.Tensor) -> dict:
@@ -126,10 +123,12 @@ def worst_case(corrects: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def _margin(model, images, labels, seeds) -> torch.Tensor:
-    """Mean margin of ``model`` over the encoder draws of ``seeds``."""
+    """Mean margin of ``model`` over the encoder draws of ``seeds`` (inside a keyed attack:
+    keyed draws of the attacked images, :func:`snnadv.encoding.encoder_keys`)."""
     total = torch.zeros(len(images), device=images.device)
+    keyed = current_keys(model) is not None
     for s in seeds:
-        with encoder_seed(model, s):
+        with encoder_keys(model, s) if keyed else encoder_seed(model, s):
             total += margins(model(images), labels)
     return total / len(seeds)
 
@@ -149,7 +148,9 @@ def pgd_attack(model, source, images, labels, eps: float, alpha: float, steps: i
     of that step's draws, on the target itself).  With ``select_draws`` the margin is
     instead measured on ``model`` over that many fixed independent draws (needed when
     the source is a proxy, e.g. the ``ann`` path).  The first restart starts at the
-    clean image, the others at uniform random points of the eps-ball.
+    clean image, the others at uniform random points of the eps-ball.  Keyed and sharded
+    (:func:`snnadv.attacks.craft` with a seed): the same for any batch size and number of
+    processes.
     """
     if eps == 0:
         return images.clone()
@@ -157,19 +158,19 @@ def pgd_attack(model, source, images, labels, eps: float, alpha: float, steps: i
     if select_draws:
         seeds = _select_seeds(seed, select_draws)
         select = lambda x, y: _margin(model, x, y, seeds)  # noqa: E731
-    attack = PGD(model, eps, alpha, steps, gradient=source, restarts=restarts, keep_best=True, select=select,
-                 generator=torch.Generator(device=images.device).manual_seed(seed))
-    with encoder_seed(model, seed * 7919 + 104729):
-        return craft(attack, images, labels, batch_size)
+    attack = PGD(model, eps, alpha, steps, gradient=source, restarts=restarts, keep_best=True, select=select)
+    return craft(attack, images, labels, batch_size, seed=seed * 7919 + 104729)
 
 
 def run_library(attack, model, images, labels, eps: float, batch_size: int, seed: int) -> torch.Tensor:
-    """Run a torchattacks attack (:mod:`snnadv.attacks.adapters`) batch by batch; an SNN's
-    encoder gets a seeded generator (fresh spikes on every call, reproducibly)."""
+    """Run a torchattacks attack (:mod:`snnadv.attacks.adapters`) batch by batch, sharded
+    over the processes; an SNN's encoder gets a generator seeded from ``seed`` and the
+    batch's first image (fresh spikes on every call, reproducibly).  torchattacks draws
+    its random numbers for a whole batch, so the result is the same across numbers of
+    processes only for the same batches (:func:`snnadv.attacks.craft`)."""
     if eps == 0:
         return images.clone()
-    with encoder_seed(model, seed):
-        return craft(attack, images, labels, batch_size)
+    return craft(attack, images, labels, batch_size, seed=seed)
 
 
 # --------------------------------------------------------------------------- the suite
@@ -279,9 +280,8 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, settings: 
         if eps == 0:
             return images.clone()
         if sp.alpha == "paper":  # the paper's FGSM and PGD: alpha eps/4, the last iterate, no restarts
-            with encoder_seed(model, seed * 7919 + PAPER[sp.attack][1]):
-                return craft(make_attack(sp.attack, model, eps, eps / 4, sp.steps,
-                                         gradient=source_for(sp.path, sp.eot)), images, labels, bs)
+            return craft(make_attack(sp.attack, model, eps, eps / 4, sp.steps, gradient=source_for(sp.path, sp.eot)),
+                         images, labels, bs, seed=seed * 7919 + PAPER[sp.attack][1])
         if sp.attack == "pgd":
             return pgd_attack(model, source_for(sp.path, sp.eot), images, labels, eps,
                               adaptive_alpha(eps, sp.steps, s.alpha), sp.steps, sp.restarts, bs, seed,

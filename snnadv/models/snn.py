@@ -253,7 +253,9 @@ class SNN(nn.Module):
                frames: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """The time loop's input: the state is reset, then the input frames [n, B, ...] of
         each chunk of ``num_steps`` steps (``x`` encoded here, or given ``frames``
-        [T, B, ...]); run each through :meth:`hidden` before asking for the next."""
+        [T, B, ...]); run each through :meth:`hidden` before asking for the next.  The
+        encoder is told each chunk's first timestep (keyed spikes depend on the global
+        timestep, not on the chunking: :func:`snnadv.encoding.encoder_keys`)."""
         self.reset_state()
         ref = x if x is not None else frames
         batch = ref.shape[0] if x is not None else ref.shape[1]
@@ -261,7 +263,7 @@ class SNN(nn.Module):
         t0 = 0
         while t0 < num_steps:
             n = min(chunk, num_steps - t0)
-            yield self.encoder(x, n) if frames is None else frames[t0:t0 + n]
+            yield self.encoder(x, n, t0) if frames is None else frames[t0:t0 + n]
             t0 += n
 
     def hidden(self, h: torch.Tensor, until: str | None = None) -> torch.Tensor:
