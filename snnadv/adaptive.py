@@ -73,12 +73,11 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     """``snnadv evaluate``: load the target, run the suite, print, write JSON/Markdown/plot.
 
     The outputs are claimed (:mod:`snnadv.outputs`) once the target is loaded, before any attack."""
-    parallel.init_from_env(resolve_device(cfg["device"]))  # under torchrun: join the process group (once)
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg.get("target_ckpt") is None:
         raise SnnadvError("evaluate needs --target-ckpt")
     s = EvalSettings.from_config({**cfg, "batch_size": cfg.get("batch_size") or 64})
-    device = parallel.rank_device(resolve_device(cfg["device"]))
+    device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     model, info, ckpt = load_attack_model(cfg["target_ckpt"], None, device, cfg.get("timesteps"),
                                           cfg.get("input_bits"), cfg.get("precision"))

@@ -439,7 +439,7 @@ SCHEMA: dict = {
     "flag_tol": Setting("float", 0, 100, optional=True), "zero_tol": _F(0, 100), "stat_images": _I(1, MAX_IMAGES),
     # bench (workload=T pairs and lists are parsed by snnadv.bench)
     "preset": Setting("choice", choices=("auto", "cpu", "paper", "tiny")), "only": Setting("names", optional=True),
-    "iters": Setting("text", optional=True), "warmup": Setting("text", optional=True),
+    "iters": Setting("text", optional=True), ("bench", "warmup"): Setting("text", optional=True),
     "peak_tflops": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "peak_tbps": Setting("float", 0, 1e6, open_lo=True, optional=True),
     "chunk_steps": Setting("int", 1, MAX_TIMESTEPS, optional=True),

@@ -37,9 +37,10 @@ from typing import Callable
 
 import torch
 
-from .batching import batches
+from .batching import to_float
 from .encoding import encoder_seed
 from .errors import SnnadvError
+from .evaluation import accuracy_curve_on
 from .models import SNN, ArchSpec
 from .models.spec import Block
 from .parallel import all_reduce, gather_cat, world
@@ -205,22 +206,9 @@ def balance(snn: SNN, images: list[torch.Tensor], settings: ConversionSettings,
     return balance_thresholds(snn, images, settings.timesteps, settings.percentile, layers, progress, generator)
 
 
-@torch.no_grad()
 def accuracy_curve(snn: SNN, split, steps: list[int], batch_size: int, seed: int,
                    progress: Progress | None = None) -> dict[int, float]:
-    """Test accuracy (%) after each of ``steps`` timesteps, from one run per batch;
-    ``progress(n)`` after every batch of n images.  Batch i is encoded with seed
-    ``seed * 1000003 + i`` and, under torchrun, run by rank i mod N (the counts are
-    summed over the ranks): the same curve for any number of ranks."""
-    snn.eval()
-    w, device = world(), split.images.device
-    correct = torch.zeros(len(steps), device=device)  # no host sync per batch
-    for i, (x, y) in enumerate(batches(split, batch_size, shuffle=False)):
-        if i % w.size == w.rank:
-            with encoder_seed(snn, seed * 1000003 + i, device):
-                logits = snn.forward_curve(x, steps)
-            correct += (logits.argmax(-1) == y).sum(-1).float()
-        if progress is not None:
-            progress(len(y))
-    correct = all_reduce(correct)
-    return {t: 100.0 * c / len(split) for t, c in zip(steps, correct.tolist())}
+    """Test accuracy (%) after each of ``steps`` timesteps, from one run per image with
+    draw 0 of :func:`snnadv.evaluation.accuracy` at ``seed`` (its last step equals that
+    accuracy at that T): keyed spikes, the images shared out under torchrun."""
+    return accuracy_curve_on(snn, to_float(split.images), split.labels, steps, batch_size, seed, progress)

@@ -298,10 +298,6 @@ class Outputs:
             check_writable(p, folder and i == 0)
         for p in replace if replace is not None else paths[:1]:
             check_replace(Path(p), cfg, resumable)
-        from .parallel import world
-
-        if not world().main:  # under torchrun rank 0 locks and writes; the others only check
-            return
         lock(paths[0], self.stack, self.note)
         for p in replace if replace is not None else paths[:1]:
             check_replace(Path(p), cfg, resumable)  # again under the lock: a writer may have just finished

@@ -74,6 +74,11 @@ def world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def process_rank() -> int:
+    """This process's rank in the process group (0 without one), also inside :func:`solo`."""
+    return dist.get_rank() if initialized() else 0
+
+
 @contextmanager
 def solo():
     """Inside the block this rank works alone, as a single process (an independent job:

@@ -24,9 +24,6 @@ from rich.table import Table
 
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None, progress_every: float | None = None):
-        from .parallel import world
-
-        quiet = quiet or not world().main  # under torchrun only rank 0 prints
         self.console = console or Console(quiet=quiet, highlight=False)
         if console is None and not self.console.is_terminal:
             self.console.width = max(self.console.width, 160)  # logs: do not cut wide tables
@@ -36,10 +33,11 @@ class Reporter:
     @property
     def quiet(self) -> bool:
         """Quiet as asked, or on every process but rank 0 (asked when it matters: the process
-        group may be joined after the reporter is made)."""
+        group may be joined after the reporter is made; a rank working alone in
+        :func:`snnadv.parallel.solo` stays quiet too)."""
         from . import parallel
 
-        return self._quiet or not parallel.world().main
+        return self._quiet or parallel.process_rank() != 0
 
     @quiet.setter
     def quiet(self, value: bool) -> None:

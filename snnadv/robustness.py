@@ -72,7 +72,6 @@ def _attack_settings(cfg: dict, attacks: list[str]) -> dict:
 @guarded
 def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """``snnadv attack``: craft on the source, evaluate clean and adversarial accuracy of the target."""
-    parallel.init_from_env(resolve_device(cfg["device"]))  # under torchrun: join the process group (once)
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg["source_ckpt"] is None:
         raise SnnadvError("attack needs --source-ckpt")
@@ -92,7 +91,7 @@ def run_attack(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | N
         raise SnnadvError(f"--eot must be a positive integer, got {eot}")
     if cfg["source"] == "ann" and eot > 1:
         raise SnnadvError("--eot applies to SNN sources only (an ANN's gradient has no randomness to average)")
-    device = parallel.rank_device(resolve_device(cfg["device"]))
+    device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     source, src_info, src_ckpt = load_attack_model(cfg["source_ckpt"], cfg["source"], device,
                                                    cfg["timesteps"], cfg["input_bits"], cfg.get("precision"))
@@ -158,7 +157,6 @@ ROLES = {"ann": "ANN", "snn_conv": "SNN-conv", "snn_bp": "SNN-BP"}
 @guarded
 def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None) -> dict:
     """Paper Table 1 (whitebox + blackbox from ANN-II) and Table 2 (sources II x targets I)."""
-    parallel.init_from_env(resolve_device(cfg["device"]))  # under torchrun: join the process group (once)
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     out = Path(cfg["out"] or "runs/table")
     out = out.parent / out.stem if out.suffix else out
@@ -166,7 +164,7 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
                   inputs={f"[table] {r}{x}": cfg.get(r + x) for r in ROLES for x in ("", "_ii")})
     attacks = [str(a) for a in cfg["attacks"]]
     settings = _attack_settings(cfg, attacks)
-    device = parallel.rank_device(resolve_device(cfg["device"]))
+    device = resolve_device(cfg["device"])
     main = parallel.world().main
     if main:
         remove_orphans(out / "pieces")  # temporary files of a killed run (the folder is ours: locked)
