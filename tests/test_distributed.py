@@ -32,7 +32,7 @@ def tiny_nodrop(num_classes: int = 10) -> ArchSpec:
                     Linear("fc3", 16 * 4 * 4, 32), Act("act3"), Linear("classifier", 32, num_classes)))
 
 
-FAIL = os.environ.get("TEST_FAIL_RANK_AT")  # "rank:call": that rank raises at that forward call
+FAIL = os.environ.get("TEST_FAIL_RANK_AT")  # "rank:call[:nan]": that rank fails at that forward call
 if FAIL and os.environ.get("RANK") == FAIL.split(":")[0]:
     import snnadv.models.ann as ann
 
@@ -41,6 +41,8 @@ if FAIL and os.environ.get("RANK") == FAIL.split(":")[0]:
     def forward(self, x):
         _calls[0] += 1
         if _calls[0] == int(FAIL.split(":")[1]):
+            if FAIL.endswith(":nan"):
+                return _forward(self, x) * float("nan")
             raise RuntimeError("injected failure")
         return _forward(self, x)
 
@@ -117,6 +119,17 @@ def test_failing_rank_stops_every_rank_and_the_run_resumes_under_another_world_s
     assert r.returncode == 0, r.stderr
     assert "resuming after epoch 1" in r.stdout
     assert max_diff(weights(one_process), weights(cut)) < 1e-5
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_batch(env):
+    """The loss is all-reduced before it is checked: a NaN on rank 1 only (epoch 2, batch
+    2) stops both ranks with the same one-line error; epoch 1's checkpoint is intact."""
+    r = run(env, *TRAIN, "--epochs", "2", "--out", "nan.pt", ranks=2, extra_env={"TEST_FAIL_RANK_AT": "1:8:nan"})
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 2 and len(set(ours)) == 1, r.stderr
+    assert "not finite" in ours[0] and "epoch 2, batch 2" in ours[0]
+    assert torch.load(env["dir"] / "nan.pt", weights_only=True)["train_state"]["epoch"] == 1
 
 
 def test_conversion_thresholds_equal_one_process(env, one_process):
