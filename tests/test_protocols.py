@@ -203,3 +203,93 @@ def test_cli_evaluate_protocol_quick_end_to_end(tmp_path, shared_data):
     r2 = json.loads(out.read_text())
     assert r2["pieces"]["computed"] == 0 and r2["pieces"]["resumed"] == r["pieces"]["computed"]
     assert r2["worst_case"] == r["worst_case"] and r2["correct"] == r["correct"]
+
+
+# --------------------------------------------------------------------------- batched EOT
+@pytest.mark.parametrize("path", ["alg1", "bptt-fast-sigmoid", "rate"])
+def test_batched_eot_equals_sequential_eot_on_the_same_keyed_draws(path):
+    from snnadv.encoding import current_keys, encoder_keys
+    from snnadv.eot import BatchedEOT, sequential_eot
+    from snnadv.gradients import make_gradient
+
+    snn = small_snn()
+    x, y = data(snn, n=3)
+    src = make_gradient(snn, path)
+    idx = torch.tensor([5, 9, 11])
+    out = []
+    for batched in (True, False):
+        with encoder_keys(snn, 4, idx):
+            for _ in range(2):  # two steps: fresh draws each, one call each
+                if batched:
+                    out.append(BatchedEOT(src, 3, snn)(x, y))
+                else:
+                    out.append(sequential_eot(src, 3, snn, x, y))
+            out.append(current_keys(snn).calls)
+    b1, b2, bc, s1, s2, sc = out
+    assert bc == sc == 2
+    for (gb, zb), (gs, zs) in ((b1, s1), (b2, s2)):
+        torch.testing.assert_close(gb, gs, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(zb, zs, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(b1[0], b2[0])  # the steps' draws differ
+    # the mean of M draws, not one draw repeated
+    with encoder_keys(snn, 4, idx):
+        g1, _ = BatchedEOT(src, 1, snn)(x, y)
+    assert not torch.allclose(g1, b1[0])
+
+
+def test_estimator_module_batched_eot_is_the_mean_over_the_copies():
+    import torch.nn.functional as F
+
+    from snnadv.encoding import encoder_seed
+    from snnadv.estimator import EstimatorModule
+    from snnadv.gradients import make_gradient
+
+    snn = small_snn()
+    x, y = data(snn, n=2)
+    M = 3
+    mod = EstimatorModule(snn, "alg1", eot=M, batched=True, generator=torch.Generator().manual_seed(0))
+    xr = x.clone().requires_grad_(True)
+    logits = mod(xr)
+    (seed,) = mod.last_seeds
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xr)
+    rep = x.repeat(M, 1, 1, 1)
+    with torch.no_grad(), encoder_seed(snn, seed):
+        want_z = snn(rep).view(M, 2, -1).mean(0)
+    torch.testing.assert_close(logits, want_z)
+    # the path's VJP on the [M*B] draw with the cotangent dL/dz / M per copy, summed over the copies
+    from snnadv.estimator import vjp_loss
+
+    c = torch.autograd.functional.jacobian(lambda z: F.cross_entropy(z, y, reduction="sum"), logits.detach())
+    src = make_gradient(snn, "alg1", loss=vjp_loss)
+    with encoder_seed(snn, seed):
+        g, _ = src(rep, c.repeat(M, 1) / M)
+    torch.testing.assert_close(grad, g.view(M, 2, *x.shape[1:]).sum(0), rtol=1e-5, atol=1e-8)
+    assert grad.abs().max() > 0
+
+
+def test_evaluate_protocol_interrupted_resumes_from_its_pieces(tmp_path, shared_data):
+    """``snnadv evaluate --protocol``: stopped after 2 pieces, run again: the rest is computed,
+    the 2 are read back, and the result is the uninterrupted run's."""
+    pytest.importorskip("torchattacks")
+    from snnadv.adaptive import run_protocol
+    from snnadv.checkpoint import model_settings, save_checkpoint, weights
+    from snnadv.config import resolve
+
+    snn = small_snn(T=4)
+    ckpt = save_checkpoint(tmp_path / "snn.pt", {
+        "stage": "snn-conv", "dataset": "cifar10", "spec": snn.spec.to_dict(), "model": model_settings(snn),
+        "state_dict": weights(snn), "config": {}, "metrics": {}, "parent": None, "train_state": None})
+
+    def cfg(name):
+        return resolve("evaluate", flags=dict(target_ckpt=str(ckpt), protocol="quick", data_dir=str(shared_data),
+                                              device="cpu", test_subset=30, batch_size=8, quiet=True, chunk=10,
+                                              out=str(tmp_path / name / "r.json")))
+
+    ref = run_protocol(cfg("ref"))
+    assert ref["pieces"]["computed"] > 2
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_protocol(cfg("run"), fail_after=2)
+    got = run_protocol(cfg("run"))
+    assert got["pieces"] == {"computed": ref["pieces"]["computed"] - 2, "resumed": 2}
+    assert got["worst_case"] == ref["worst_case"] and got["correct"] == ref["correct"]
+    assert [r["cells"][0]["cumulative"] for r in got["rows"]] == [r["cells"][0]["cumulative"] for r in ref["rows"]]

@@ -45,6 +45,7 @@ class Protocol:
     sharpness_iters: int = 8
     sharpness_images: int = 32
     chunk: int = 100           # images per resumable piece
+    batched_eot: bool = True   # EOT draws as one pass over [M*B] (snnadv.eot)
 
     def to_dict(self) -> dict:
         d = asdict(self)

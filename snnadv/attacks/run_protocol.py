@@ -11,7 +11,8 @@ backward, EOT M: the mean of M draws' logits and gradients per call) for every p
 the protocol.  With the sharpness search, ``bptt-fast-sigmoid`` uses the slope found by
 :func:`snnadv.sharpness.search_sharpness` on a held-out batch (never the evaluated
 images), once per model.  Square queries the real model.  An ANN target: plain autograd,
-no EOT, one draw.  Computations only (no printing, no files).
+no EOT, one draw.  EOT draws run batched into the batch dimension (``batched_eot``,
+:mod:`snnadv.eot`).  Computations only (no printing, no files).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from ..eot import BatchedEOT
 from ..errors import SnnadvError
 from ..evaluation import is_snn
 from ..gradients import make_gradient
@@ -55,13 +57,17 @@ def protocol_specs(model, p: Protocol, paths: list[str]) -> list[AttackSetting]:
     return out
 
 
-def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None, seed: int = 0):
-    """``build(eps)`` for one attack setting (see the module docstring)."""
+def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None, seed: int = 0,
+                   batched: bool = True):
+    """``build(eps)`` for one attack setting (see the module docstring); ``batched``: EOT
+    draws in the batch dimension (:mod:`snnadv.eot`)."""
     snn = is_snn(model)
 
     def build(eps: float):
         if sp.alpha == "paper":
-            src = make_gradient(model, None if sp.path == "autograd" else sp.path, sp.eot, slope=slope, proxy=proxy)
+            src = make_gradient(model, None if sp.path == "autograd" else sp.path, 1, slope=slope, proxy=proxy)
+            if sp.eot > 1 and snn:
+                src = BatchedEOT(src, sp.eot, model)
             return make_attack(sp.attack, model, eps, eps / 4, sp.steps, gradient=src)
         if sp.attack == "square":
             return make_attack("square", model, eps, steps=sp.steps, seed=seed)
@@ -72,7 +78,7 @@ def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None,
             opts = {"slope": slope} if sp.path.startswith("bptt-") else {}
             if proxy_path(sp.path):
                 opts["proxy"] = proxy
-            target = EstimatorModule(model, sp.path, eot=sp.eot, **opts)
+            target = EstimatorModule(model, sp.path, eot=sp.eot, batched=batched, **opts)
         return make_attack(sp.attack, target, eps, steps=sp.steps, restarts=sp.restarts, eot=1, seed=seed)
 
     return build
@@ -114,7 +120,8 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
     else:
         skipped = []
     specs = protocol_specs(model, p, paths)
-    attacks = [(sp.key, attack_builder(model, sp, slope=slope, proxy=proxy, seed=seed)) for sp in specs]
+    attacks = [(sp.key, attack_builder(model, sp, slope=slope, proxy=proxy, seed=seed, batched=p.batched_eot))
+               for sp in specs]
     eps = [float(e) for e in p.eps]
     run = run_cascade(model, images, labels, attacks, eps, draws=K, seed=seed, batch_size=batch_size,
                       chunk=p.chunk, cascade=cascade, store=store, advance=advance, clock=clock)
