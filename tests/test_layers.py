@@ -27,7 +27,7 @@ CORE = ("neurons", "surrogates", "kernels", "encoding", "models", "conversion", 
         "estimator", "sharpness", "eot")
 #: the experiment layer: configs, files, printing, the stages and the command line
 EXPERIMENT = ("config", "checkpoint", "outputs", "report", "data", "train", "convert", "robustness", "adaptive",
-              "reproduce", "analysis", "bench", "doctor", "cuda_checks", "runtime", "paper", "atomic", "cli")
+              "reproduce", "analysis", "bench", "protocol_cost", "doctor", "cuda_checks", "runtime", "paper", "atomic", "cli")
 
 #: what the core must not do: calls, attributes and imports
 FORBIDDEN_CALLS = ("print", "open")
