@@ -122,7 +122,9 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
                  "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
                  "neuron": "lif", "save_every": 10.0,
                  # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
-                 "attacks": ("fgsm", "pgd")}
+                 "attacks": ("fgsm", "pgd"),
+                 # evaluate's protocols (snnadv.attacks.protocols)
+                 "protocol": None, "chunk": None, "cascade": True}
 
 
 def keyed(settings: dict) -> dict:
@@ -225,7 +227,7 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
             given.add(key)
     parse_precision(out.get("precision"), several=stage == "bench")
     out["stage"] = stage
-    if stage == "evaluate":  # a protocol's presets yield only to what was given (snnadv.adaptive)
+    if stage == "evaluate" and out.get("protocol"):  # a protocol's presets yield only to what was given
         out["given"] = sorted(given)
     check_cross(out, given)
     if isinstance(config, (str, Path)):

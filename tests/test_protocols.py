@@ -293,3 +293,17 @@ def test_evaluate_protocol_interrupted_resumes_from_its_pieces(tmp_path, shared_
     assert got["pieces"] == {"computed": ref["pieces"]["computed"] - 2, "resumed": 2}
     assert got["worst_case"] == ref["worst_case"] and got["correct"] == ref["correct"]
     assert [r["cells"][0]["cumulative"] for r in got["rows"]] == [r["cells"][0]["cumulative"] for r in ref["rows"]]
+
+
+def test_config_protocol_with_overrides_and_old_keys_unchanged():
+    from snnadv.adaptive import protocol_from_config
+    from snnadv.config import resolve, settings_key
+
+    cfg = resolve("evaluate", {"evaluate": {"protocol": "strong", "apgd_steps": 7}}, {"eot": 3})
+    p = protocol_from_config(cfg)
+    assert p.name == "strong" and p.apgd_steps == 7 and p.eot == 3
+    assert [round(e * 255) for e in p.eps] == [2, 4, 8] and p.square_queries == 5000  # not given: the preset's
+    plain = resolve("evaluate", {}, {})
+    assert "given" not in plain  # without a protocol: the settings (and reproduce's keys) of before
+    before = {k: v for k, v in plain.items() if k not in ("protocol", "chunk", "cascade")}
+    assert settings_key(plain) == settings_key(before)
