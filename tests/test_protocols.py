@@ -307,3 +307,15 @@ def test_config_protocol_with_overrides_and_old_keys_unchanged():
     assert "given" not in plain  # without a protocol: the settings (and reproduce's keys) of before
     before = {k: v for k, v in plain.items() if k not in ("protocol", "chunk", "cascade")}
     assert settings_key(plain) == settings_key(before)
+
+
+def test_ann_target_plain_autograd_one_draw():
+    pytest.importorskip("torchattacks")
+    torch.manual_seed(0)
+    ann = ANN(get_spec("tiny", 10)).eval()
+    x, y = data(ann, n=6)
+    for name, over in (("paper", {}), ("strong", {"apgd_steps": 2, "square_queries": 5, "eps": [8 / 255]})):
+        r = evaluate_protocol(ann, x, y, resolve_protocol(name, over), batch_size=4)
+        assert r["eval_draws"] == 1 and r["eot"] == 1 and r["sharpness"] is None
+        assert {row["estimator"] for row in r["rows"]} <= {"autograd", "none"}
+        assert all(row["eot"] == 1 and row["draws"] == 1 for row in r["rows"])
