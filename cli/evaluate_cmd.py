@@ -15,6 +15,13 @@ from .options import RegistryChoice, common_options, flags
 @click.option("--suite", type=click.Choice(["paper", "adaptive", "full"]),
               help="paper (FGSM, PGD-7, paper gradient) | adaptive (PGD over gradient paths, APGD, Square) | "
                    "full (both + accuracy vs eps + sanity checks; default).")
+@click.option("--protocol", type=click.Choice(["paper", "strong", "quick"]),
+              help="A named preset run as a cascade: paper (FGSM, PGD-7) | strong (APGD-CE/DLR 100 steps, EOT 10, "
+                   "every estimator, sharpness search, Square 5000, eps 2,4,8/255) | quick (tests). Options given "
+                   "beside it override the preset; replaces --suite.")
+@click.option("--chunk", type=int, help="Images per resumable piece of a protocol (default: the protocol's).")
+@click.option("--cascade/--no-cascade", default=None,
+              help="Protocols: attack only the images still correct (default) or every image.")
 @click.option("--eps", help="L-inf budget(s), one or a comma-separated list, e.g. 2/255,8/255,64/255 (default 8/255).")
 @click.option("--eot", type=int, help="Encoder draws averaged per gradient step (EOT; 1 = the paper; default 4).")
 @click.option("--eval-draws", type=int, help="Encoder draws an SNN's accuracy is averaged over (default 4).")

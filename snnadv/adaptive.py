@@ -76,6 +76,8 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
     if cfg.get("target_ckpt") is None:
         raise SnnadvError("evaluate needs --target-ckpt")
+    if cfg.get("protocol"):
+        return run_protocol(cfg, reporter, outputs=outputs)
     s = EvalSettings.from_config({**cfg, "batch_size": cfg.get("batch_size") or 64})
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -292,3 +294,189 @@ def plot_eps(result: dict, path: Path, warn=None) -> str | None:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return str(path)
+
+
+# --------------------------------------------------------------------------- protocols
+def protocol_from_config(cfg: dict):
+    """The protocol ``cfg["protocol"]`` with the settings given in the config or on the
+    command line (``cfg["given"]``; every overridable one if unknown) overriding it."""
+    from .attacks.protocols import OVERRIDABLE, resolve_protocol
+    from .attacks.settings import parse_eps_list
+
+    given = set(cfg.get("given", OVERRIDABLE))
+    over = {k: cfg.get(k) for k in OVERRIDABLE if k in given and cfg.get(k) is not None}
+    if "eps" in over:
+        over["eps"] = parse_eps_list(over["eps"])
+    return resolve_protocol(cfg["protocol"], over)
+
+
+class PieceStore:
+    """The cascade's pieces (:func:`snnadv.attacks.cascade.run_cascade`) as files of
+    :class:`snnadv.outputs.Pieces` (a folder beside the JSON); ``fail_after``: raise after
+    that many saves (to test resuming)."""
+
+    def __init__(self, folder, common: dict, fail_after: int | None = None):
+        from .outputs import Pieces
+
+        self.pieces, self.saved, self.fail_after = Pieces(folder, common), 0, fail_after
+
+    def load(self, what: dict):
+        return self.pieces.load_tensor("cascade", what)
+
+    def save(self, what: dict, x) -> None:
+        self.pieces.save_tensor("cascade", what, x.to(torch.uint8))
+        self.saved += 1
+        if self.fail_after is not None and self.saved >= self.fail_after:
+            raise RuntimeError(f"interrupted after {self.saved} pieces (test)")
+
+
+@guarded
+def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None,
+                 fail_after: int | None = None) -> dict:
+    """``snnadv evaluate --protocol NAME``: the protocol as a resumable cascade
+    (:func:`snnadv.attacks.run_protocol.evaluate_protocol`); prints the table and the cost
+    table and writes JSON and Markdown.  Pieces are kept in ``<json stem>-pieces/`` beside
+    the JSON: a run stopped part-way resumes there with the same result."""
+    from .attacks.run_protocol import evaluate_protocol
+    from .evaluation import encode_correct
+    from .outputs import tensor_hash
+
+    reporter = reporter or Reporter(quiet=cfg.get("quiet", False))
+    p = protocol_from_config(cfg)
+    device = resolve_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    model, info, ckpt = load_attack_model(cfg["target_ckpt"], None, device, cfg.get("timesteps"),
+                                          cfg.get("input_bits"), cfg.get("precision"))
+    json_path, md_path, _ = output_paths(cfg.get("out"), info)
+    outputs.claim([json_path, md_path], cfg, inputs={
+        f"--{k.replace('_', '-')}": cfg.get(k) for k in ("target_ckpt", "proxy_ckpt")})
+    warnings: list[str] = []
+
+    def warn(msg):
+        warnings.append(msg)
+        reporter.print(f"[yellow]warning:[/] {msg}")
+
+    snn = is_snn(model)
+    needs_lib = any(a in ("apgd-ce", "apgd-dlr", "square") for a in p.attacks)
+    if needs_lib:
+        try:
+            import torchattacks  # noqa: F401
+        except ImportError:
+            raise SnnadvError(f"protocol {p.name} needs torchattacks: pip install 'snnadv[attacks]'") from None
+    proxy = proxy_info = None
+    if snn and any(proxy_path(q) for q in resolve_paths(model, p.paths, cfg.get("slope"))) and \
+            any(a.startswith("apgd") for a in p.attacks):
+        proxy, proxy_info = find_proxy(cfg["target_ckpt"], ckpt, device, cfg.get("proxy_ckpt"),
+                                       cfg.get("input_bits"), warn)
+        check_compatible(info, proxy_info, ckpt, load_checkpoint(proxy_info["path"]))
+    test = load_split(info["dataset"], cfg["data_dir"], train=False, device=device, subset=cfg["test_subset"],
+                      download=cfg["download"])
+    images, labels = to_float(test.images), test.labels
+    heldout = None
+    if snn and p.sharpness:  # training images: never the evaluated ones
+        tr = load_split(info["dataset"], cfg["data_dir"], train=True, device=device, subset=p.sharpness_images,
+                        download=cfg["download"])
+        heldout = (to_float(tr.images), tr.labels)
+    bs = cfg.get("batch_size") or 64
+    cascade = cfg.get("cascade", True) is not False
+    common = {"target": info.get("sha256"), "num_steps": info.get("num_steps"), "input_bits": cfg.get("input_bits"),
+              "precision": cfg.get("precision"), "images": tensor_hash(images), "labels": tensor_hash(labels),
+              "protocol": p.to_dict(), "slope": cfg.get("slope"), "cascade": cascade,
+              "heldout": tensor_hash(heldout[0]) if heldout else None,
+              "proxy": (proxy_info or {}).get("sha256"), "device": str(device)}
+    store = PieceStore(json_path.parent / f"{json_path.stem}-pieces", common, fail_after)
+    with reporter.progress(f"evaluating ({p.name} protocol, cascade)", None) as advance:
+        def step(info_):
+            advance(1, info=f"{info_['attack'][0]} {info_['attack'][1]} eps={info_['eps']:.4g} "
+                            f"images {info_['chunk'][0]}-{info_['chunk'][1]}")
+        result = evaluate_protocol(model, images, labels, p, proxy=proxy, heldout=heldout,
+                                   slope=cfg.get("slope") or 5.0, seed=cfg["seed"], batch_size=bs, cascade=cascade,
+                                   store=store, advance=step)
+    correct = result.pop("correct")
+    result["correct"] = {"clean": encode_correct(correct["clean"]),
+                         "worst": [encode_correct(w) for w in correct["worst"]]}
+    lib = None
+    try:
+        import torchattacks
+
+        lib = torchattacks.__version__
+    except ImportError:
+        pass
+    result.update(target=info, proxy=proxy_info, config=cfg, warnings=warnings, suite=None,
+                  versions={**versions(), "torchattacks": lib})
+    print_protocol(result, reporter)
+    if parallel.world().main:
+        write_json(json_path, result)
+        atomic_write_text(md_path, protocol_markdown(result))
+    reporter.print(f"[green]saved[/] {json_path} and {md_path}")
+    return result
+
+
+def _ci(d: dict) -> str:
+    lo, hi = d["ci95"]
+    spread = f"±{d['std']:.1f}" if d["std"] else ""
+    return f"{d['mean']:.1f}{spread} [{lo:.1f}, {hi:.1f}]"
+
+
+def protocol_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The protocol's table: one row per attack and estimator with its provenance; each
+    cell the robust accuracy after that attack (the cascade's running worst case): mean
+    over draws ± std [95 % Wilson interval], and the images attacked."""
+    header = ["protocol", "attack", "estimator", "steps", "restarts", "eot", "draws"] + \
+        [f"acc % eps={l} (attacked)" for l in result["eps_labels"]]
+    P, K = result["protocol"], str(result["eval_draws"])
+    rows = [[P, "clean", "-", "-", "-", "-", K] + [_ci(result["clean"])] * len(result["eps"])]
+    for r in result["rows"]:
+        est = r["estimator"] + (f" (k={r['slope']:.3g})" if r.get("slope") else "")
+        rows.append([P, r["label"], est, str(r["steps"]), str(r["restarts"]), str(r["eot"]), K]
+                    + [f"{_ci(c['cumulative'])} ({c['attacked']})" for c in r["cells"]])
+    rows.append([P, "WORST CASE", "per sample", "", "", "", K] + [_ci(w) for w in result["worst_case"]])
+    return header, rows
+
+
+COST_HEADER = ["attack", "estimator", "steps", "eot", "images attacked", "seconds", "s / 100 attacked",
+               "s / 100 images"]
+
+
+def cost_rows(result: dict) -> list[list[str]]:
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    return [[c["attack"], c["estimator"], str(c["steps"]), str(c["eot"]), str(c["attacked"]), f(c["seconds"]),
+             f(c["per_100_attacked"]), f(c["per_100_images"])] for c in result["cost"]]
+
+
+def _protocol_title(result: dict) -> str:
+    t = result.get("target") or {}
+    who = f"{t.get('stage', 'model')} {t.get('arch', '')}".strip()
+    return (f"Robustness of {who}, protocol {result['protocol']} ({result['mode']}): accuracy %, "
+            f"{result['images']} images, mean±std over {result['eval_draws']} encoder draw(s) [95% Wilson]")
+
+
+def print_protocol(result: dict, reporter: Reporter) -> None:
+    header, rows = protocol_rows(result)
+    sh = result.get("sharpness")
+    caption = (f"sharpness search: {sh['path']} slope k = {sh['best']:.3g} on {sh['images']} held-out images"
+               if sh else "")
+    reporter.table(_protocol_title(result), header, rows, caption=caption)
+    reporter.table(f"Cost ({result['seconds']:.0f} s in all, evaluation draws {result['eval_seconds']:.0f} s)",
+                   COST_HEADER, cost_rows(result))
+
+
+def protocol_markdown(result: dict) -> str:
+    t = result.get("target") or {}
+    header, rows = protocol_rows(result)
+    ps = result["protocol_settings"]
+    lines = [f"### {_protocol_title(result)}", ""]
+    lines += [f"Protocol `{result['protocol']}`: {ps['description']}. Target `{t.get('path')}` "
+              f"(sha256 `{str(t.get('sha256'))[:16]}`, T = {t.get('num_steps')}); estimators: "
+              f"{', '.join(result['paths'])}; EOT {result['eot']}; seed {result['seed']}.", ""]
+    if result.get("sharpness"):
+        sh = result["sharpness"]
+        lines += [f"Sharpness search: {sh['path']} slope k = {sh['best']:.3g} ({sh['iters']} golden-section "
+                  f"steps on {sh['images']} held-out training images).", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "**Cost**", "", "| " + " | ".join(COST_HEADER) + " |", "|" + "---|" * len(COST_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in cost_rows(result)]
+    return "\n".join(lines) + "\n"

@@ -92,7 +92,7 @@ STAGES = {
         "attack": "pgd", "image": 0,
     },
     "evaluate": {  # adaptive attacks, expected accuracy, masking checks (snnadv.adaptive)
-        "target_ckpt": None, "suite": "full", "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
+        "target_ckpt": None, "suite": "full", "protocol": None, "chunk": None, "cascade": True, "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
         "steps": 20, "restarts": 2, "alpha": None, "apgd_steps": 20, "square_queries": 1000,
         "sweep_eps": "0,2/255,4/255,8/255,16/255,32/255,64/255", "sweep_steps": 20, "slope": 5.0,
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
@@ -122,7 +122,9 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
                  "label_smoothing": 0.0, "init": "he", "channels_last": False, "lr_restarts": [], "lr_restart_peak": 0.5,
                  "neuron": "lif", "save_every": 10.0,
                  # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
-                 "attacks": ("fgsm", "pgd")}
+                 "attacks": ("fgsm", "pgd"),
+                 # evaluate's protocols (snnadv.attacks.protocols)
+                 "protocol": None, "chunk": None, "cascade": True}
 
 
 def keyed(settings: dict) -> dict:
@@ -225,6 +227,8 @@ def resolve(stage: str, config: str | Path | dict | None = None, flags: dict | N
             given.add(key)
     parse_precision(out.get("precision"), several=stage == "bench")
     out["stage"] = stage
+    if stage == "evaluate" and out.get("protocol"):  # a protocol's presets yield only to what was given
+        out["given"] = sorted(given)
     check_cross(out, given)
     if isinstance(config, (str, Path)):
         out["config"] = str(config)
@@ -433,6 +437,8 @@ SCHEMA: dict = {
     "points": Setting("int", 1, MAX_STEPS, optional=True), "sim_steps": _STEPS, "threshold": _POS(1e6),
     "reset": Setting("choice", choices=("zero", "subtract")), "image": _I(0, MAX_IMAGES),
     "suite": Setting("choice", choices=("paper", "adaptive", "full")), "paths": Setting("names"),
+    "protocol": Setting("choice", choices=("paper", "strong", "quick"), optional=True),
+    "chunk": Setting("int", 1, MAX_IMAGES, optional=True), "cascade": _BOOL,
     "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,
     "sweep_eps": Setting("fractions", 0, 1, as_list=False),
     "sweep_steps": _STEPS, "slope": _POS(1e6), "library": _BOOL,

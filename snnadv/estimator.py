@@ -25,6 +25,11 @@ encoder draws happen), to what the gradient pass would use; paths that need the 
 time loop at once (``hart``, ``pdsg``) get one chunk in both.  The cost of a step is
 one forward without a graph plus the path's own forward and backward.
 
+Batched EOT (``batched=True``): the M draws run as one pass over the batch repeated M
+times ([M*B] images, one seed: the copies draw independent spikes from one generator),
+forward and backward, instead of M passes over B (:mod:`snnadv.eot`); the same estimate,
+M times one pass's memory.
+
 Dropout in training mode draws from the global RNG and is not replayed: attack models
 in eval mode.
 """
@@ -55,12 +60,20 @@ class _Estimate(torch.autograd.Function):
     def forward(ctx, x, module, seeds):
         ctx.save_for_backward(x)
         ctx.module, ctx.seeds = module, seeds
+        if module.batched:
+            M, B = module.eot, len(x)
+            return module.logits(module.repeat(x, M), seeds[0]).view(M, B, -1).mean(0)
         return torch.stack([module.logits(x, s) for s in seeds]).mean(0)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         module, seeds = ctx.module, ctx.seeds
+        if module.batched:
+            M, B = module.eot, len(x)
+            rep = module.repeat(x, M)
+            g = module.vjp(rep, module.repeat(grad_out, M) / M, seeds[0])
+            return g.view(M, B, *x.shape[1:]).sum(0).to(x.dtype), None, None
         grad = sum(module.vjp(x, grad_out, s) for s in seeds) / len(seeds)
         return grad.to(x.dtype), None, None
 
@@ -81,7 +94,7 @@ class EstimatorModule(nn.Module):
     """
 
     def __init__(self, model: SNN, path: str | None = None, *, eot: int = 1, source=None,
-                 generator: torch.Generator | None = None, **options):
+                 generator: torch.Generator | None = None, batched: bool = False, **options):
         super().__init__()
         if not isinstance(model, SNN):
             raise SnnadvError("an estimator module wraps an SNN (an ANN is differentiated as it is)")
@@ -97,6 +110,7 @@ class EstimatorModule(nn.Module):
         if int(eot) < 1:
             raise SnnadvError(f"eot must be at least 1, got {eot}")
         self.model, self.source, self.eot, self.generator = model, source, int(eot), generator
+        self.batched = bool(batched) and self.eot > 1
         self.last_seeds: list[int] = []
         self.train(model.training)  # the SNN's mode (a library restores the mode it found: an eval SNN stays eval)
 
@@ -105,9 +119,15 @@ class EstimatorModule(nn.Module):
         return f"{self.source.name}+eot{self.eot}" if self.eot > 1 else self.source.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seeds = [int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) for _ in range(self.eot)]
+        n = 1 if self.batched else self.eot
+        seeds = [int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) for _ in range(n)]
         self.last_seeds = seeds
         return _Estimate.apply(x, self, tuple(seeds))
+
+    @staticmethod
+    def repeat(x: torch.Tensor, m: int) -> torch.Tensor:
+        """``x`` repeated ``m`` times along the batch (copy c of row b at c*B + b)."""
+        return x.repeat(m, *([1] * (x.dim() - 1)))
 
     # -- the two passes of one draw ----------------------------------------------------
     @contextmanager

@@ -6,7 +6,9 @@ attack by name, :data:`snnadv.registry.ATTACKS`); the built-ins: ``fgsm``
 (:class:`FGSM`), ``pgd`` (:class:`PGD`, also the adaptive evaluation's PGD with
 restarts and the best iterate), ``apgd-ce``, ``apgd-dlr`` and ``square``
 (torchattacks, :mod:`snnadv.attacks.adapters`).  The adaptive evaluation suite is
-:mod:`snnadv.attacks.suite`.  A new attack is one file::
+:mod:`snnadv.attacks.suite`; the named protocols (``paper``, ``strong``, ``quick``) are
+:mod:`snnadv.attacks.protocols`, run as a resumable cascade by
+:mod:`snnadv.attacks.cascade` and :mod:`snnadv.attacks.run_protocol`.  A new attack is one file::
 
     @snnadv.register_attack("noise")
     class Noise(snnadv.attacks.Attack):

@@ -1,0 +1,174 @@
+"""The cascade: an evaluation protocol's attacks run AutoAttack-style, resumably.
+
+Per eps, the attacks run in order; attack a runs only on the images still *alive*:
+correct on at least one of the K evaluation draws under the worst case so far,
+
+    W_0 = C^clean,   W_a = W_{a-1} AND C^a   ([K, N] boolean, per draw),
+
+and an image leaves the cascade once W is False on every draw.  Its later C^a are not
+computed (recorded False): it is already wrong on every draw, so AND-ing anything
+changes nothing.  Hence the cascade's per-sample worst case W_A *equals* running every
+attack on every image and then :func:`snnadv.attacks.suite.worst_case`, provided an
+attack's result on an image does not depend on which other images share its batch.
+That holds for the keyed attacks (FGSM, PGD: spikes and random starts keyed by the
+image's global index, :meth:`snnadv.attacks.Attack.keyed`) and for the evaluation
+draws (keyed the same way); torchattacks' APGD and Square draw their random numbers
+per batch, so for them the cascade is the same attack in distribution, not bit for bit.
+
+Early exit per sample: torchattacks' APGD and Square themselves only work on the
+points the model still classifies correctly (and across restarts on those not yet
+fooled), so a sample leaves as soon as it is fooled.  FGSM and PGD-7 (the paper's
+attacks) run their fixed steps on the alive images.
+
+Resumable: the images are cut into fixed chunks of global indices; each (attack, eps,
+chunk) is one piece, its result the [K, alive-in-chunk] correctness of the attacked
+images.  ``store`` (``load(what)`` / ``save(what, tensor)``, e.g. on
+:class:`snnadv.outputs.Pieces` in the experiment layer) keeps them; ``what`` names the
+attack, eps, chunk and the alive images, so an interrupted run resumes where it stopped
+with the same result.
+
+Cost: wall-clock seconds per (attack, eps), the images attacked, and seconds per 100
+attacked images (``clock`` may be replaced in tests).  Nothing here prints or writes.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..encoding import encoder_keys, encoder_seed
+from ..evaluation import _draw_seeds, is_snn
+from .base import batch_seed
+
+
+@torch.no_grad()
+def keyed_correct(model, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, draws: int = 1,
+                  seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """Boolean [K, n] on the CPU: image ``index[i]`` correct at evaluation draw k, keyed by
+    the images' *global* indices (so equal, column by column, to
+    :func:`snnadv.evaluation.correctness` on the whole set)."""
+    snn = is_snn(model)
+    was = model.training
+    model.eval()
+    rows = []
+    try:
+        for s in _draw_seeds(seed, draws if snn else 1):
+            pred = []
+            for i in range(0, len(images), batch_size):
+                x = images[i:i + batch_size]
+                if snn:
+                    with encoder_keys(model, s, index[i:i + batch_size].to(images.device)):
+                        pred.append(model(x).argmax(1))
+                else:
+                    pred.append(model(x).argmax(1))
+            p = torch.cat(pred) if pred else labels[:0]
+            rows.append((p == labels.to(p.device)).cpu())
+    finally:
+        model.train(was)
+    return torch.stack(rows) if rows else torch.zeros(0, len(images), dtype=torch.bool)
+
+
+def craft_at(attack, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, batch_size: int,
+             seed: int) -> torch.Tensor:
+    """Adversarial ``images`` whose global indices are ``index``: a keyable attack per batch
+    inside :meth:`~snnadv.attacks.Attack.keyed` (the result of an image depends only on
+    it and its index), any other with the encoder seeded per batch (from ``seed`` and the
+    batch's first index)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x, y, idx = images[i:i + batch_size], labels[i:i + batch_size], index[i:i + batch_size].to(images.device)
+        if getattr(attack, "keyable", False):
+            block = attack.keyed(seed, idx)
+        else:
+            block = encoder_seed(attack.model, batch_seed(seed, int(idx[0])), images.device)
+        with block:
+            out.append(attack(x, y))
+    return torch.cat(out) if out else images.clone()
+
+
+def attack_seed(seed: int, key) -> int:
+    """A stable seed per attack setting (independent of its place in the cascade)."""
+    return (int(seed) * 7919 + zlib.crc32(repr(tuple(map(str, key))).encode())) & 0x7FFFFFFFFFFF
+
+
+@dataclass
+class CascadeRun:
+    """What :func:`run_cascade` computed: ``clean`` [K, N]; per eps index j,
+    ``matrices[key][j]`` [K, N] (False where the image was not attacked), ``cumulative[key][j]``
+    (W after that attack), ``worst[j]``; ``attacked[key][j]`` images; ``seconds[key][j]``."""
+
+    clean: torch.Tensor
+    worst: list = field(default_factory=list)
+    matrices: dict = field(default_factory=dict)
+    cumulative: dict = field(default_factory=dict)
+    attacked: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    eval_seconds: float = 0.0
+    resumed: int = 0
+    pieces: int = 0
+
+
+def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list, eps_list: list[float], *,
+                draws: int = 1, seed: int = 0, batch_size: int = 64, chunk: int = 100, cascade: bool = True,
+                store=None, advance=None, clock=time.perf_counter) -> CascadeRun:
+    """Run ``attacks`` (a list of ``(key, build)``: ``build(eps)`` returns the attack) on
+    ``images`` for every eps of ``eps_list``; ``cascade=False`` runs every attack on every
+    image (the reference the cascade equals).  ``store``: see the module docstring;
+    ``advance(info)`` after every piece.  Returns a :class:`CascadeRun`."""
+    N = len(images)
+    K = draws if is_snn(model) else 1
+    allidx = torch.arange(N)
+    t0 = clock()
+    clean = keyed_correct(model, images, labels, allidx, K, seed, batch_size)
+    run = CascadeRun(clean=clean, eval_seconds=clock() - t0)
+    chunks = [(a, min(a + chunk, N)) for a in range(0, N, chunk)]
+    for key, _ in attacks:
+        for d in (run.matrices, run.cumulative, run.attacked, run.seconds):
+            d[key] = []
+    for j, eps in enumerate(eps_list):
+        W = clean.clone()
+        for key, build in attacks:
+            C = torch.zeros(K, N, dtype=torch.bool)
+            n_att, secs = 0, 0.0
+            attack = None
+            for a, b in chunks:
+                sub = torch.arange(a, b)
+                alive = sub[W[:, a:b].any(0)] if cascade else sub
+                if len(alive) == 0:
+                    continue
+                what = {"attack": list(map(str, key)), "eps": float(eps), "chunk": [a, b],
+                        "alive": alive.tolist(), "draws": K, "seed": seed, "batch_size": batch_size}
+                got = store.load(what) if store is not None else None
+                if got is not None and tuple(got.shape) == (K, len(alive)):
+                    C[:, alive] = got.bool()
+                    run.resumed += 1
+                else:
+                    t1 = clock()
+                    if eps == 0:
+                        x_adv = images[alive]
+                    else:
+                        attack = attack or build(eps)
+                        x_adv = craft_at(attack, images[alive], labels[alive], alive, batch_size,
+                                         attack_seed(seed, key))
+                    te = clock()
+                    got = keyed_correct(model, x_adv, labels[alive], alive, K, seed, batch_size)
+                    t2 = clock()
+                    secs += te - t1
+                    run.eval_seconds += t2 - te
+                    n_att += len(alive)
+                    C[:, alive] = got
+                    if store is not None:
+                        store.save(what, got)
+                    run.pieces += 1
+                if advance:
+                    advance({"attack": key, "eps": eps, "chunk": (a, b), "images": len(alive)})
+            W &= C
+            run.matrices[key].append(C)
+            run.cumulative[key].append(W.clone())
+            run.attacked[key].append(n_att)
+            run.seconds[key].append(secs)
+        run.worst.append(W)
+    return run

@@ -1,0 +1,91 @@
+"""Named evaluation protocols: frozen presets of ``snnadv evaluate --protocol NAME``.
+
+A protocol fixes everything a robustness number depends on (eps list, attacks, their
+steps, EOT, encoder draws, gradient paths, the sharpness search); individual options
+given on the command line or in the config still override it (:func:`resolve_protocol`).
+Protocols run as a cascade (:mod:`snnadv.attacks.cascade`): per eps, the attacks in
+order, each only on the images still correct under the worst case so far.
+
+* ``paper``: FGSM and PGD-7 (alpha eps/4, the paper's gradient: alg1 for SNNs,
+  autograd for ANNs), one EOT draw, eps 8/255 (the paper's Sec. 3.3).
+* ``strong``: APGD-CE and APGD-DLR, 100 steps, through every estimator (every path of
+  ``all`` and ``bptt-fast-sigmoid`` at the sharpness found by
+  :func:`snnadv.sharpness.search_sharpness` on a held-out batch), EOT 10 for SNNs
+  (:class:`snnadv.estimator.EstimatorModule`), then Square with 5,000 queries on the
+  real model (the gradient-free check), eps 2/255, 4/255, 8/255; per-sample worst case.
+* ``quick``: the shape of ``strong`` at test size (APGD 5 steps on the paper path, EOT
+  2, Square 50 queries, 2 draws, eps 8/255).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import SnnadvError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One preset.  ``attacks``: in cascade order; ``fgsm``/``pgd`` are the paper's (alpha
+    eps/4, last iterate), ``apgd-ce``/``apgd-dlr`` run once per gradient path in ``paths``
+    (``paper``: the paper's path only; ``all``: every estimator), ``square`` once."""
+
+    name: str
+    description: str
+    eps: tuple = (8 / 255,)
+    attacks: tuple = ("fgsm", "pgd")
+    paths: str = "paper"
+    eot: int = 1
+    eval_draws: int = 4
+    steps: int = 7             # the paper's PGD
+    apgd_steps: int = 100
+    restarts: int = 1
+    square_queries: int = 5000
+    sharpness: bool = False    # golden-section search of bptt-fast-sigmoid's slope (held-out batch)
+    sharpness_iters: int = 8
+    sharpness_images: int = 32
+    chunk: int = 100           # images per resumable piece
+    batched_eot: bool = True   # EOT draws as one pass over [M*B] (snnadv.eot)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["eps"] = list(self.eps)
+        d["attacks"] = list(self.attacks)
+        return d
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "paper": Protocol("paper", "FGSM and PGD-7 with the paper's gradient, one EOT draw (Sec. 3.3)",
+                      eps=(8 / 255,), attacks=("fgsm", "pgd"), paths="paper", eot=1, eval_draws=4),
+    "strong": Protocol("strong", "APGD-CE and APGD-DLR (100 steps, EOT 10) through every estimator with the "
+                       "sharpness search, Square 5,000 queries; per-sample worst case",
+                       eps=(2 / 255, 4 / 255, 8 / 255), attacks=("apgd-ce", "apgd-dlr", "square"), paths="all",
+                       eot=10, eval_draws=4, apgd_steps=100, square_queries=5000, sharpness=True),
+    "quick": Protocol("quick", "test size: FGSM, APGD-CE (5 steps, EOT 2), Square 50 queries",
+                      eps=(8 / 255,), attacks=("fgsm", "apgd-ce", "square"), paths="paper", eot=2, eval_draws=2,
+                      apgd_steps=5, square_queries=50, sharpness=False, sharpness_iters=2, sharpness_images=8,
+                      chunk=8),
+}
+
+#: the settings a command-line option or config key may override (the option's name)
+OVERRIDABLE = ("eps", "paths", "eot", "eval_draws", "steps", "apgd_steps", "restarts", "square_queries", "chunk")
+
+
+def resolve_protocol(name: str, overrides: dict | None = None) -> Protocol:
+    """The protocol ``name`` with the given ``overrides`` (keys of :data:`OVERRIDABLE`;
+    None values are ignored).  ``eps`` may be a list of floats."""
+    if name not in PROTOCOLS:
+        raise SnnadvError(f"unknown protocol '{name}' (choose {', '.join(PROTOCOLS)})")
+    p = PROTOCOLS[name]
+    changes = {}
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in OVERRIDABLE:
+            raise SnnadvError(f"protocol setting '{k}' cannot be overridden (choose {', '.join(OVERRIDABLE)})")
+        changes[k] = tuple(v) if k == "eps" else v
+    if not changes:
+        return p
+    d = {**asdict(p), **changes}
+    return Protocol(**d)
+

@@ -1,0 +1,170 @@
+"""Evaluate one model under a named protocol (:mod:`snnadv.attacks.protocols`) as a
+cascade (:mod:`snnadv.attacks.cascade`): every number labelled with the protocol,
+attack, estimator, steps, EOT, restarts, draws, eps and images; 95 % Wilson intervals
+and the spread over the evaluation draws (:func:`snnadv.stats.accuracy_stats`); the cost
+of every attack and estimator (seconds per 100 attacked images).
+
+Gradient attacks on an SNN differentiate an estimator: the paper's FGSM / PGD-7 use the
+paper's path (alg1); APGD-CE / APGD-DLR run through
+:class:`snnadv.estimator.EstimatorModule` (the SNN's logits forward, the path's gradient
+backward, EOT M: the mean of M draws' logits and gradients per call) for every path of
+the protocol.  With the sharpness search, ``bptt-fast-sigmoid`` uses the slope found by
+:func:`snnadv.sharpness.search_sharpness` on a held-out batch (never the evaluated
+images), once per model.  Square queries the real model.  An ANN target: plain autograd,
+no EOT, one draw.  EOT draws run batched into the batch dimension (``batched_eot``,
+:mod:`snnadv.eot`).  Computations only (no printing, no files).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..eot import BatchedEOT
+from ..errors import SnnadvError
+from ..evaluation import is_snn
+from ..gradients import make_gradient
+from ..registry import GRADIENTS
+from ..stats import accuracy_stats
+from .base import make_attack
+from .cascade import run_cascade
+from .protocols import Protocol
+from .settings import eps_label, paper_path, proxy_path, resolve_paths, stochastic_path
+from .suite import PAPER, AttackSetting
+
+SHARP_PATH = "bptt-fast-sigmoid"
+
+
+def protocol_specs(model, p: Protocol, paths: list[str]) -> list[AttackSetting]:
+    """The attacks of protocol ``p`` on ``model`` in cascade order."""
+    snn = is_snn(model)
+    M = p.eot if snn else 1
+    pp = paper_path(model)
+    out: list[AttackSetting] = []
+    for a in p.attacks:
+        if a in PAPER:
+            steps = 1 if a == "fgsm" else p.steps
+            out.append(AttackSetting(a, pp, steps, 1, 1, "paper", "paper"))
+        elif a in ("apgd-ce", "apgd-dlr"):
+            for q in paths:
+                out.append(AttackSetting(a, q, p.apgd_steps, p.restarts, M if stochastic_path(model, q) else 1,
+                                         group="library"))
+        elif a == "square":
+            out.append(AttackSetting("square", "none", p.square_queries, 1, 1, group="library"))
+        else:
+            raise SnnadvError(f"protocol {p.name}: unknown attack '{a}' (fgsm, pgd, apgd-ce, apgd-dlr, square)")
+    return out
+
+
+def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None, seed: int = 0,
+                   batched: bool = True):
+    """``build(eps)`` for one attack setting (see the module docstring); ``batched``: EOT
+    draws in the batch dimension (:mod:`snnadv.eot`)."""
+    snn = is_snn(model)
+
+    def build(eps: float):
+        if sp.alpha == "paper":
+            src = make_gradient(model, None if sp.path == "autograd" else sp.path, 1, slope=slope, proxy=proxy)
+            if sp.eot > 1 and snn:
+                src = BatchedEOT(src, sp.eot, model)
+            return make_attack(sp.attack, model, eps, eps / 4, sp.steps, gradient=src)
+        if sp.attack == "square":
+            return make_attack("square", model, eps, steps=sp.steps, seed=seed)
+        target = model
+        if snn:
+            from ..estimator import EstimatorModule
+
+            opts = {"slope": slope} if sp.path.startswith("bptt-") else {}
+            if proxy_path(sp.path):
+                opts["proxy"] = proxy
+            target = EstimatorModule(model, sp.path, eot=sp.eot, batched=batched, **opts)
+        return make_attack(sp.attack, target, eps, steps=sp.steps, restarts=sp.restarts, eot=1, seed=seed)
+
+    return build
+
+
+def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, *, proxy=None,
+                      heldout: tuple | None = None, slope: float = 5.0, seed: int = 0, batch_size: int = 64,
+                      cascade: bool = True, store=None, advance=None, clock=time.perf_counter) -> dict:
+    """Run ``protocol`` on ``model`` (result dict: rows with provenance, worst case, costs).
+
+    ``heldout``: (images, labels) for the sharpness search (required when the protocol
+    searches and the target is an SNN); ``store``/``advance``/``clock``: see
+    :func:`snnadv.attacks.cascade.run_cascade`."""
+    p = protocol
+    snn = is_snn(model)
+    K = p.eval_draws if snn else 1
+    M = p.eot if snn else 1
+    model.eval()
+    t0 = clock()
+    sharp = None
+    if snn and p.sharpness and SHARP_PATH in GRADIENTS:
+        if heldout is None:
+            raise SnnadvError(f"protocol {p.name}: the sharpness search needs a held-out batch")
+        from ..sharpness import search_sharpness
+
+        hx, hy = heldout
+        hx, hy = hx[:p.sharpness_images], hy[:p.sharpness_images]
+        found = search_sharpness(model, hx, hy, SHARP_PATH, iters=p.sharpness_iters, eps=max(p.eps), seed=seed)
+        slope = found.best
+        sharp = {"path": SHARP_PATH, "option": "slope", "best": found.best, "objective": found.value,
+                 "iters": p.sharpness_iters, "images": len(hx), "held_out": True,
+                 "evaluations": [list(e) for e in found.evaluations], "seconds": clock() - t0}
+    paths = resolve_paths(model, p.paths, slope)
+    if sharp is not None and SHARP_PATH not in paths and p.paths == "all":
+        paths.append(SHARP_PATH)
+    if any(proxy_path(q) for q in paths) and proxy is None:
+        paths = [q for q in paths if not proxy_path(q)]  # no ANN to differentiate: left out, said in the result
+        skipped = ["ann (no proxy ANN given)"]
+    else:
+        skipped = []
+    specs = protocol_specs(model, p, paths)
+    attacks = [(sp.key, attack_builder(model, sp, slope=slope, proxy=proxy, seed=seed, batched=p.batched_eot))
+               for sp in specs]
+    eps = [float(e) for e in p.eps]
+    run = run_cascade(model, images, labels, attacks, eps, draws=K, seed=seed, batch_size=batch_size,
+                      chunk=p.chunk, cascade=cascade, store=store, advance=advance, clock=clock)
+    N = len(images)
+    rows = []
+    for sp in specs:
+        k = sp.key
+        cells = []
+        for j, e in enumerate(eps):
+            n_att, secs = run.attacked[k][j], run.seconds[k][j]
+            cells.append({
+                "eps": e, "eps_label": eps_label(e), "attacked": n_att, "seconds": secs,
+                "seconds_per_100": 100.0 * secs / n_att if n_att else None,
+                # robust accuracy after this attack (the cascade's running worst case)
+                "cumulative": accuracy_stats(run.cumulative[k][j].numpy()),
+                # this attack alone (only when every image was attacked)
+                "alone": None if cascade else accuracy_stats(run.matrices[k][j].numpy()),
+            })
+        rows.append({"protocol": p.name, "label": sp.label, "attack": sp.attack, "group": sp.group,
+                     "estimator": sp.path, "path": sp.path, "steps": sp.steps, "restarts": sp.restarts,
+                     "eot": sp.eot, "draws": K, "images": N, "key": list(map(str, sp.key)),
+                     "slope": slope if sp.path == SHARP_PATH else None, "cells": cells})
+    worst = [{"eps": e, "eps_label": eps_label(e), **accuracy_stats(w.numpy())} for e, w in zip(eps, run.worst)]
+    cost = cost_table(rows, N)
+    return {
+        "protocol": p.name, "protocol_settings": p.to_dict(), "mode": "cascade" if cascade else "all",
+        "stochastic": snn, "paths": paths, "skipped_paths": skipped, "sharpness": sharp, "images": N,
+        "eval_draws": K, "eot": M, "eps": eps, "eps_labels": [eps_label(e) for e in eps], "seed": seed,
+        "batch_size": batch_size, "clean": accuracy_stats(run.clean.numpy()), "rows": rows, "worst_case": worst,
+        "cost": cost, "eval_seconds": run.eval_seconds, "pieces": {"computed": run.pieces, "resumed": run.resumed},
+        "seconds": clock() - t0,
+        "correct": {"clean": run.clean, "worst": run.worst},
+    }
+
+
+def cost_table(rows: list[dict], images: int) -> list[dict]:
+    """Per attack and estimator: seconds, images attacked and seconds per 100 attacked
+    images (summed over eps), and the seconds per 100 evaluated images."""
+    out = []
+    for r in rows:
+        secs = sum(c["seconds"] for c in r["cells"])
+        n = sum(c["attacked"] for c in r["cells"])
+        out.append({"attack": r["label"], "estimator": r["estimator"], "eot": r["eot"], "steps": r["steps"],
+                    "seconds": secs, "attacked": n, "per_100_attacked": 100.0 * secs / n if n else None,
+                    "per_100_images": 100.0 * secs / images if images else None})
+    return out
