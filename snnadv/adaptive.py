@@ -198,10 +198,14 @@ def _stats_rows(result: dict) -> list[list[str]]:
 STATS_HEADER = ["path", "zero grad %", "all-zero images %", "cos (1 draw)", "cos (EOT)", "eot"]
 
 
-def _title(result: dict) -> str:
+def _who(result: dict) -> str:
+    """The evaluated model, e.g. 'snn-bp vgg5'."""
     t = result.get("target") or {}
-    who = f"{t.get('stage', 'model')} {t.get('arch', '')}".strip()
-    return (f"Robustness of {who} ({result['suite']} suite): accuracy %, "
+    return f"{t.get('stage', 'model')} {t.get('arch', '')}".strip()
+
+
+def _title(result: dict) -> str:
+    return (f"Robustness of {_who(result)} ({result['suite']} suite): accuracy %, "
             f"{result['images']} images, mean±std over {result['eval_draws']} encoder draw(s)")
 
 
@@ -447,9 +451,7 @@ def cost_rows(result: dict) -> list[list[str]]:
 
 
 def _protocol_title(result: dict) -> str:
-    t = result.get("target") or {}
-    who = f"{t.get('stage', 'model')} {t.get('arch', '')}".strip()
-    return (f"Robustness of {who}, protocol {result['protocol']} ({result['mode']}): accuracy %, "
+    return (f"Robustness of {_who(result)}, protocol {result['protocol']} ({result['mode']}): accuracy %, "
             f"{result['images']} images, mean±std over {result['eval_draws']} encoder draw(s) [95% Wilson]")
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import resolve_device
+from .errors import SnnadvError
 from .kernels import scan
 from .memory import GiB
 from .outputs import write_json
