@@ -373,7 +373,9 @@ def _parent_for_bits(conv_path: Path, conv: dict, conv_sha: str, bits, out: Path
     derived["model"] = {**conv["model"], "input_bits": bits}
     derived["derived"] = {"from": str(conv_path), "from_sha256": conv_sha, "input_bits": bits,
                           "by": "snnadv analyze (input quantisation for fine-tuning)"}
-    save_checkpoint(path, derived)
+    if parallel.world().main:  # under torchrun rank 0 writes it; the others read it once it is there
+        save_checkpoint(path, derived)
+    parallel.barrier()
     return {"path": path}
 
 
