@@ -358,25 +358,30 @@ def _saved(path: Path, settings: dict, inputs: dict) -> dict | None:
 
 
 def _parent_for_bits(conv_path: Path, conv: dict, conv_sha: str, bits, out: Path) -> dict:
-    """The checkpoint finetune starts from for ``bits``: the converted one, with its input bits set."""
+    """The checkpoint finetune starts from for ``bits``: the converted one, with its input
+    bits set (under torchrun rank 0 writes it and the others wait for it)."""
     if conv["model"].get("input_bits") == bits:
         return {"path": conv_path}
     path = out / "parents" / f"{conv_path.stem}_b{bits_label(bits)}.pt"
-    if path.is_file():
-        try:
-            old = load_checkpoint(path)
-            if (old.get("derived") or {}).get("from_sha256") == conv_sha and old["model"].get("input_bits") == bits:
-                return {"path": path}
-        except CheckpointError:
-            pass
-    derived = {k: v for k, v in conv.items() if k not in ("format", "format_version", "versions")}
-    derived["model"] = {**conv["model"], "input_bits": bits}
-    derived["derived"] = {"from": str(conv_path), "from_sha256": conv_sha, "input_bits": bits,
-                          "by": "snnadv analyze (input quantisation for fine-tuning)"}
-    if parallel.world().main:  # under torchrun rank 0 writes it; the others read it once it is there
+    if parallel.world().main and not _is_parent(path, conv_sha, bits):
+        derived = {k: v for k, v in conv.items() if k not in ("format", "format_version", "versions")}
+        derived["model"] = {**conv["model"], "input_bits": bits}
+        derived["derived"] = {"from": str(conv_path), "from_sha256": conv_sha, "input_bits": bits,
+                              "by": "snnadv analyze (input quantisation for fine-tuning)"}
         save_checkpoint(path, derived)
     parallel.barrier()
     return {"path": path}
+
+
+def _is_parent(path: Path, conv_sha: str, bits) -> bool:
+    """``path`` holds the converted checkpoint ``conv_sha`` with input bits ``bits``."""
+    if not path.is_file():
+        return False
+    try:
+        old = load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return (old.get("derived") or {}).get("from_sha256") == conv_sha and old["model"].get("input_bits") == bits
 
 
 def default_timesteps(name: str, model: str, conv: dict, config=None) -> list[int]:
