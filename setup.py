@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["snnadv", "snnadv.models", "snnadv.kernels", "snnadv.analysis", "snnadv.attacks", "snnadv.cli"],
+    packages=["snnadv", "snnadv.models", "snnadv.kernels", "snnadv.analysis", "snnadv.attacks", "snnadv.paths", "snnadv.cli"],
     package_dir={"snnadv.cli": "cli"},
     install_requires=["torch>=2.2", "torchvision>=0.17", "snntorch>=0.9", "numpy", "scipy", "click>=8.1", "rich>=13"],
     extras_require={"dev": ["pytest>=7", "torchattacks>=3.5", "matplotlib>=3.7"],

@@ -43,7 +43,8 @@ from torch import nn
 
 from .encoding import encoder_seed
 from .errors import SnnadvError
-from .gradients import EOT, DEFAULT_PATH, make_gradient, one_chunk
+from .gradients import EOT, DEFAULT_PATH, make_gradient
+from .paths.unrolled import one_chunk
 from .models import SNN
 
 

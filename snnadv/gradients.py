@@ -57,11 +57,11 @@ More gradient paths for SNNs (adaptive attacks, :mod:`snnadv.attacks.suite`):
   spiking non-linearity entirely.  :mod:`snnadv.adaptive` finds it through the
   checkpoint's parent chain.
 
-* :class:`HARTGradient` (``hart``): HART (Hao et al. ICLR 2024): per layer, the
+* :class:`~snnadv.paths.hart.HARTGradient` (``hart``, :mod:`snnadv.paths.hart`): HART (Hao et al. ICLR 2024): per layer, the
   membrane's path through time cut, a triangle surrogate of width gamma * thr, and the
   input current's gradient mixed between its time average (rate) and each step's own
   (temporal) with ``mix``.
-* :class:`PDSGGradient` (``pdsg``): PDSG (Lun et al. CVPR 2025): BPTT with a Gaussian
+* :class:`~snnadv.paths.pdsg.PDSGGradient` (``pdsg``, :mod:`snnadv.paths.pdsg`): PDSG (Lun et al. CVPR 2025): BPTT with a Gaussian
   surrogate whose width is the standard deviation of the layer's membrane potentials.
 
 Every path is registered by name (:data:`snnadv.registry.GRADIENTS`, a factory
@@ -70,8 +70,6 @@ surrogate); :func:`make_gradient` builds one by name.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +81,7 @@ from .models import SNN, record_spikes
 from .models.ann import BasicBlock
 from .neurons import Neuron
 from .registry import GRADIENTS, SURROGATES, register_gradient
-from .surrogates import ShiftedGaussian, Triangle, make_surrogate
+from .surrogates import make_surrogate
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -253,234 +251,6 @@ class RateGradient:
         return grad, logits.detach()
 
 
-# --------------------------------------------------------------------------- unrolled estimators
-# HART and PDSG change more than ds/du: HART cuts the membrane's path through time and
-# averages a layer's input-current gradient over time, PDSG sets the surrogate's width from
-# the layer's membrane statistics up to each step.  Both run the real SNN forward (the
-# fused scan, so the spikes and the logits are exactly the SNN's for that draw) and replace
-# each LIF layer's backward by an unrolled recurrence built from the observed spikes.
-# Memory: autograd keeps a few fp32 tensors per layer and timestep for that recurrence
-# (the scan keeps one byte per neuron and step): fine at attack batch sizes and moderate
-# T, heavy for VGG11 at T in the thousands (attack in smaller batches there).
-
-
-@contextmanager
-def one_chunk(model: SNN):
-    """Run ``model``'s whole time loop as one chunk in the fused mode inside the block (the
-    estimators below need every timestep of a layer at once); settings restored after."""
-    mode, chunk = model.mode, model.chunk_steps
-    model.mode, model.chunk_steps = "fused", 2 ** 31
-    try:
-        yield model
-    finally:
-        model.mode, model.chunk_steps = mode, chunk
-
-
-def lif_membranes(current: torch.Tensor, spikes: torch.Tensor, mem0: torch.Tensor, leak: float, thr: float,
-                  reset: str, through_time: bool = True) -> list[torch.Tensor]:
-    """The membrane before each step's reset, u[t] [B, ...] (fp32), for input currents
-    ``current`` [T, B, ...] and the layer's observed ``spikes`` (Eq. 3, the scan's order):
-
-        u[t] = lam * u[t-1] + I[t] - thr * s[t-1]         (subtract)
-        u[t] = lam * (1 - s[t-1]) * u[t-1] + I[t]         (zero)
-        u[t] = lam * u[t-1] + I[t]                        (none)
-
-    with u[-1] = ``mem0`` and s[-1] = H(mem0 - thr).  Differentiable w.r.t. ``current``;
-    the reset carries no gradient (as in the scan's BPTT); ``through_time=False`` cuts the
-    path u[t-1] -> u[t] too (HART), so that du[t]/dI[t'] = 1[t = t']."""
-    u_prev, s_prev = mem0.float(), (mem0 > thr).float()
-    out = []
-    for t in range(current.shape[0]):
-        h = u_prev if through_time else u_prev.detach()
-        if reset == "zero":
-            h = h * (1.0 - s_prev)
-        u = leak * h + current[t].float()
-        if reset == "subtract":
-            u = u - thr * s_prev
-        out.append(u)
-        u_prev, s_prev = u, spikes[t].float()
-    return out
-
-
-class _ObservedSpike(torch.autograd.Function):
-    """Forward: the observed spikes; backward: ``grad * sg`` (a given surrogate value)."""
-
-    @staticmethod
-    def forward(ctx, mem, spikes, sg):
-        ctx.save_for_backward(sg)
-        return spikes.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (sg,) = ctx.saved_tensors
-        return grad_out.float() * sg, None, None
-
-
-class _TimeMix(torch.autograd.Function):
-    """Identity forward; backward ``(1 - mix) * mean_t(g) + mix * g`` over the first (time) axis."""
-
-    @staticmethod
-    def forward(ctx, x, mix):
-        ctx.mix = mix
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        mix = ctx.mix
-        mean = g.mean(0, keepdim=True).expand_as(g)
-        return (mean if mix == 0.0 else (1.0 - mix) * mean + mix * g), None
-
-
-def hart_spikes(current, spikes, mem0, leak: float, thr: float, reset: str, gamma: float = 1.0,
-                mix: float = 0.0) -> torch.Tensor:
-    """One LIF layer with HART's backward (see :class:`HARTGradient`); forward = ``spikes``."""
-    x = _TimeMix.apply(current, float(mix))
-    tri = Triangle(gamma)
-    mems = lif_membranes(x, spikes, mem0, leak, thr, reset, through_time=False)
-    return torch.stack([_ObservedSpike.apply(u, spikes[t], tri.grad(u.detach(), thr, None))
-                        for t, u in enumerate(mems)])
-
-
-def pdsg_sigma(mems: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """PDSG's widths: for each step t, the standard deviation (unbiased) of the membranes
-    u[0..t] over time so far, the batch and the spatial positions, per channel (a conv
-    layer's frames [B, C, H, W]) or per feature (a linear layer's [B, F]): a tensor
-    [T, 1, C, 1, 1] (or [T, 1, F]); 1 where it is 0 or undefined (fewer than 2 values)."""
-    u = (torch.stack(list(mems)) if not torch.is_tensor(mems) else mems).detach().double()
-    dims = tuple(d for d in range(1, u.dim()) if d != 2)
-    count = 1
-    for d in dims:
-        count *= u.shape[d]
-    n = torch.arange(1, u.shape[0] + 1, dtype=torch.float64, device=u.device).view(-1, *[1] * (u.dim() - 1)) * count
-    s1 = u.sum(dims, keepdim=True).cumsum(0)
-    s2 = (u * u).sum(dims, keepdim=True).cumsum(0)
-    var = ((s2 - s1 * s1 / n) / (n - 1).clamp(min=1)).clamp(min=0.0)
-    sigma = var.sqrt()
-    sigma = torch.where((sigma > 0) & (n > 1), sigma, torch.ones_like(sigma))
-    return sigma.float()
-
-
-def pdsg_spikes(current, spikes, mem0, leak: float, thr: float, reset: str,
-                sigma: float | None = None) -> torch.Tensor:
-    """One LIF layer with PDSG's backward (see :class:`PDSGGradient`); forward = ``spikes``.
-    ``sigma``: a fixed width instead of the membrane statistics (for tests and ablations)."""
-    mems = lif_membranes(current, spikes, mem0, leak, thr, reset, through_time=True)
-    widths = pdsg_sigma(mems) if sigma is None else [float(sigma)] * len(mems)
-    return torch.stack([_ObservedSpike.apply(u, spikes[t], ShiftedGaussian(widths[t]).grad(u.detach(), thr, None))
-                        for t, u in enumerate(mems)])
-
-
-@contextmanager
-def layer_backward(model: SNN, rule):
-    """Inside the block, every LIF layer of ``model`` runs its real scan forward (no graph)
-    and returns ``rule(current, spikes, mem0, leak, thr, reset)`` when its input needs a
-    gradient: the observed spikes with the rule's backward."""
-    neurons = model.neurons
-    for n in neurons:
-        if n.leak is None or getattr(n, "reset_mechanism", None) not in ("subtract", "zero", "none"):
-            raise SnnadvError(f"this gradient path needs LIF neurons (leak, reset), not {type(n).__name__}")
-
-    def patched(neuron):
-        def multistep(current):
-            frame = current.shape[1:]
-            mem = getattr(neuron, "mem", None)
-            mem0 = mem.detach().float() if torch.is_tensor(mem) and mem.shape == frame else \
-                torch.zeros(frame, device=current.device)
-            with torch.no_grad():
-                spikes = type(neuron).multistep(neuron, current.detach())
-            if not current.requires_grad:
-                return spikes
-            return rule(current, spikes, mem0, neuron.leak, neuron.thr, neuron.reset_mechanism)
-        return multistep
-
-    for n in neurons:
-        n.multistep = patched(n)
-    try:
-        with one_chunk(model):
-            yield model
-    finally:
-        for n in neurons:
-            del n.multistep
-
-
-class HARTGradient:
-    """HART (Hao et al., "Threaten spiking neural networks through combining rate and
-    temporal information", ICLR 2024): BPTT in which every LIF layer
-
-    1. cuts the membrane's path through time (u[t-1] -> u[t] carries no gradient), so a
-       spike's gradient reaches only the current of its own step;
-    2. uses HART's triangle surrogate h(u) = max(0, w - |u - thr|) / w^2, w = gamma * thr
-       (:class:`~snnadv.surrogates.Triangle`); and
-    3. averages the input current's gradient over time (the rate part):
-
-           g[t]      = dJ/ds[t] * h(u[t])                      (temporal, per step)
-           dJ/dI[t]  = (1 - mix) * (1/T) sum_t' g[t'] + mix * g[t]
-
-    ``mix = 0`` is HART as published (the code's "avg" mode: every step of a layer gets the
-    time-averaged gradient); ``mix = 1`` keeps each step's own gradient (per-step surrogate
-    gradients without the membrane path); ``gamma`` is HART's own rate/temporal knob (a
-    wide triangle passes similar gradients at every step, a narrow one only near threshold;
-    HART searches it per model).  The encoder is straight-through, as for ``bptt``.  The
-    forward is the real SNN (fused scan; the whole time loop as one chunk).
-    """
-
-    name = "hart"
-    one_chunk = True
-
-    def __init__(self, model: SNN, gamma: float = 1.0, mix: float = 0.0, loss=_loss):
-        if not isinstance(model, SNN):
-            raise SnnadvError("the HART gradient needs an SNN source")
-        if not 0.0 <= float(mix) <= 1.0:
-            raise SnnadvError(f"HART's mix must be in [0, 1], got {mix}")
-        if not float(gamma) > 0:
-            raise SnnadvError(f"HART's gamma must be positive, got {gamma}")
-        self.model, self.gamma, self.mix, self.loss = model, float(gamma), float(mix), loss
-        self.inner = Autograd(model, loss)
-
-    def rule(self, current, spikes, mem0, leak, thr, reset):
-        return hart_spikes(current, spikes, mem0, leak, thr, reset, self.gamma, self.mix)
-
-    def __call__(self, images, labels):
-        self.inner.loss = self.loss
-        with layer_backward(self.model, self.rule), torch.enable_grad():
-            return self.inner(images, labels)
-
-
-class PDSGGradient:
-    """PDSG, the potential-dependent surrogate gradient (Lun et al., "Towards effective and
-    sparse adversarial attack on spiking neural networks via breaking invisible surrogate
-    gradients", CVPR 2025): full BPTT (straight-through encoder, the reset carrying no
-    gradient) in which the surrogate of layer l at step t is
-
-        ds/du = exp(-((u - thr - sigma/2) / (sqrt(2) sigma))^2) / (sqrt(2 pi) sigma),
-        sigma = std of u[0..t] of layer l over time so far, batch and space, per channel
-
-    (:class:`~snnadv.surrogates.ShiftedGaussian`, :func:`pdsg_sigma`): the surrogate's
-    width follows the spread of the membrane potentials, so it never becomes "invisible"
-    (zero where the membranes actually are).  The widths depend on the whole batch.
-    ``sigma``: a fixed width instead (an ablation; then it is BPTT with that surrogate).
-    """
-
-    name = "pdsg"
-    one_chunk = True
-
-    def __init__(self, model: SNN, sigma: float | None = None, loss=_loss):
-        if not isinstance(model, SNN):
-            raise SnnadvError("the PDSG gradient needs an SNN source")
-        if sigma is not None and not float(sigma) > 0:
-            raise SnnadvError(f"PDSG's sigma must be positive, got {sigma}")
-        self.model, self.sigma, self.loss = model, sigma, loss
-        self.inner = Autograd(model, loss)
-
-    def rule(self, current, spikes, mem0, leak, thr, reset):
-        return pdsg_spikes(current, spikes, mem0, leak, thr, reset, self.sigma)
-
-    def __call__(self, images, labels):
-        self.inner.loss = self.loss
-        with layer_backward(self.model, self.rule), torch.enable_grad():
-            return self.inner(images, labels)
-
-
 # --------------------------------------------------------------------------- the registered paths
 # An entry of GRADIENTS is a factory (model, **options) -> source for an SNN ``model``;
 # the options are ``slope`` and ``proxy`` (see make_gradient), ignored where unused.  A
@@ -529,21 +299,7 @@ def _ann(model, *, proxy: nn.Module | None = None, loss=_loss, **_):
 _ann.needs_proxy = True  # differentiates the proxy, not the target: deterministic, no EOT
 
 
-@register_gradient("hart")
-def _hart(model, *, gamma: float | None = None, mix: float | None = None, loss=_loss, **_):
-    return HARTGradient(model, 1.0 if gamma is None else gamma, 0.0 if mix is None else mix, loss)
 
-
-@register_gradient("pdsg")
-def _pdsg(model, *, sigma: float | None = None, loss=_loss, **_):
-    return PDSGGradient(model, sigma, loss)
-
-
-# Not in the adaptive suite's "all" (snnadv.attacks.settings.all_paths): each has a parameter
-# that its paper tunes per model (HART's gamma, searched per model; PDSG is defined for the
-# whole batch at once), and "all" is the fixed list behind the existing tables.  Name them
-# in --paths to run them.
-_hart.opt_in = _pdsg.opt_in = True
 
 
 def make_gradient(model: nn.Module, kind: str | None = None, eot: int = 1, *, slope: float | None = None,

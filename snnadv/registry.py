@@ -195,7 +195,7 @@ def load_plugins() -> dict[str, str]:
 NEURONS = Registry("neuron", ("snnadv.neurons",))
 SURROGATES = Registry("surrogate", ("snnadv.surrogates",))
 ATTACKS = Registry("attack", ("snnadv.attacks",))
-GRADIENTS = Registry("gradient path", ("snnadv.gradients",))
+GRADIENTS = Registry("gradient path", ("snnadv.gradients", "snnadv.paths.hart", "snnadv.paths.pdsg"))
 ARCHITECTURES = Registry("architecture", ("snnadv.models.spec",))
 
 

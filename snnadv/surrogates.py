@@ -185,7 +185,7 @@ class ShiftedGaussian(Surrogate):
 
     ``sigma``: a number or a tensor broadcastable to the membrane (PDSG: the standard
     deviation of the layer's membrane potentials, per channel, see
-    :func:`snnadv.gradients.pdsg_sigma`).
+    :func:`snnadv.paths.pdsg.pdsg_sigma`).
     """
 
     name = "shifted-gaussian"

@@ -16,8 +16,10 @@ from snnadv.attacks.settings import resolve_paths
 from snnadv.encoding import encoder_seed
 from snnadv.errors import SnnadvError
 from snnadv.estimator import EstimatorModule, vjp_loss
-from snnadv.gradients import (GRADIENTS, AttackSurrogate, HARTGradient, PDSGGradient, hart_spikes, lif_membranes,
-                              make_gradient, pdsg_sigma, pdsg_spikes)
+from snnadv.gradients import GRADIENTS, AttackSurrogate, make_gradient
+from snnadv.paths.hart import HARTGradient, hart_spikes
+from snnadv.paths.pdsg import PDSGGradient, pdsg_sigma, pdsg_spikes
+from snnadv.paths.unrolled import lif_membranes
 from snnadv.models import ANN, SNN, get_spec
 from snnadv.sharpness import golden_section, search_sharpness
 from snnadv.surrogates import ShiftedGaussian, Triangle
