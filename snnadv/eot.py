@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from .encoding import current_keys, encoder_keys, mix32
+from .errors import SnnadvError
 
 #: the index offset between the copies of one image (far above any data set's size)
 COPY_STRIDE = 1 << 40
@@ -54,7 +55,7 @@ class BatchedEOT:
 
     def __init__(self, source, m: int, model):
         if m < 1:
-            raise ValueError(f"eot must be at least 1, got {m}")
+            raise SnnadvError(f"--eot must be at least 1, got {m}")
         self.source, self.m, self.model = source, int(m), model
         self.name = f"{source.name}+eot{m}" if m > 1 else source.name
 

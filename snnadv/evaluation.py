@@ -80,7 +80,8 @@ def correctness(model, images: torch.Tensor, labels: torch.Tensor, batch_size: i
 
 @torch.no_grad()
 def predictions(model, images: torch.Tensor, batch_size: int = 256, draws: int = 1, seed: int = 0,
-                num_steps: int | None = None, advance=None) -> torch.Tensor:
+                num_steps: int | None = None, advance=None, index: torch.Tensor | None = None,
+                sharded: bool = True) -> torch.Tensor:
     """Predicted classes ``[draws, images]`` (int64, on ``images``' device; one row for an
     ANN).  Draw d is keyed by its seed (``_draw_seeds(seed, draws)[d]``) and the images'
     indices; this process evaluates its shard of the images, and the gathered result is
@@ -88,9 +89,11 @@ def predictions(model, images: torch.Tensor, batch_size: int = 256, draws: int =
 
     ``advance(n)`` after every batch, by the batch's size times the number of processes
     (about the whole set's progress, counted on one process's share).  The model is
-    evaluated in eval mode and returned to its previous mode.
+    evaluated in eval mode and returned to its previous mode.  ``index``: the images'
+    global indices when they are not ``0..N-1`` (e.g. the cascade's still-correct
+    images); ``sharded=False``: this process evaluates all of them, nothing is gathered.
     """
-    w = parallel.world()
+    w = parallel.world() if sharded else parallel.World()
     part = parallel.shard(len(images), w)
     was_training = model.training
     model.eval()
@@ -103,7 +106,8 @@ def predictions(model, images: torch.Tensor, batch_size: int = 256, draws: int =
                 j = min(i + batch_size, part.stop)
                 x = images[i:j]
                 if snn:
-                    with encoder_keys(model, s, torch.arange(i, j, device=images.device)):
+                    keys = torch.arange(i, j, device=images.device) if index is None else index[i:j].to(images.device)
+                    with encoder_keys(model, s, keys):
                         out = model(x, num_steps)
                 else:
                     out = model(x)

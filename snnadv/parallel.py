@@ -179,16 +179,6 @@ def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
     return bool(all_reduce(t, "max").item())
 
 
-def gather_objects(obj) -> list:
-    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
-    w = world()
-    if not w.distributed:
-        return [obj]
-    out = [None] * w.size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def barrier() -> None:
     if world().distributed:
         dist.barrier()

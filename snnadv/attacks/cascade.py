@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..encoding import encoder_keys, encoder_seed
-from ..evaluation import _draw_seeds, is_snn
+from ..encoding import encoder_seed
+from ..evaluation import is_snn, predictions
 from .base import batch_seed
 
 
@@ -50,25 +50,8 @@ def keyed_correct(model, images: torch.Tensor, labels: torch.Tensor, index: torc
     """Boolean [K, n] on the CPU: image ``index[i]`` correct at evaluation draw k, keyed by
     the images' *global* indices (so equal, column by column, to
     :func:`snnadv.evaluation.correctness` on the whole set)."""
-    snn = is_snn(model)
-    was = model.training
-    model.eval()
-    rows = []
-    try:
-        for s in _draw_seeds(seed, draws if snn else 1):
-            pred = []
-            for i in range(0, len(images), batch_size):
-                x = images[i:i + batch_size]
-                if snn:
-                    with encoder_keys(model, s, index[i:i + batch_size].to(images.device)):
-                        pred.append(model(x).argmax(1))
-                else:
-                    pred.append(model(x).argmax(1))
-            p = torch.cat(pred) if pred else labels[:0]
-            rows.append((p == labels.to(p.device)).cpu())
-    finally:
-        model.train(was)
-    return torch.stack(rows) if rows else torch.zeros(0, len(images), dtype=torch.bool)
+    pred = predictions(model, images, batch_size, draws, seed, index=index, sharded=False)
+    return (pred == labels.to(pred.device)).cpu()
 
 
 def craft_at(attack, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, batch_size: int,
