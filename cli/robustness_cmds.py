@@ -42,6 +42,7 @@ def attack(**kw):
 @click.option("--eps", help="L-inf budget (default 8/255).")
 @click.option("--steps", type=int, help="PGD steps (default 7).")
 @click.option("--eval-draws", type=int, help="Encoder draws per SNN accuracy (default 1).")
+@click.option("--chunk", type=int, help="Images per resumable piece of each crafted set (default: the whole set).")
 def table(**kw):
     """Paper Tables 1 and 2 from the checkpoints listed in the config's [table]."""
     from snnadv.config import resolve

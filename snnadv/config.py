@@ -77,7 +77,7 @@ STAGES = {
         "ann": None, "snn_conv": None, "snn_bp": None, "ann_ii": None, "snn_conv_ii": None,
         "snn_bp_ii": None, "eps": "8/255", "alpha": "2/255", "steps": 7, "random_start": False,
         "conv_timesteps": None, "bp_timesteps": None, "gradient": "alg1", "eval_draws": 1,
-        "input_bits": None, "test_subset": 1000, "tables": ["1", "2"],
+        "input_bits": None, "test_subset": 1000, "tables": ["1", "2"], "chunk": None,
         "attacks": ("fgsm", "pgd"),  # the paper's (registered attacks: snnadv.registry.ATTACKS)
     },
     # ``snnadv analyze ...`` (snnadv/analysis): one table for all five analyses; None

@@ -195,21 +195,40 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
                                      "device": device.type})
     model_id = {k: {"sha256": i["sha256"], "num_steps": i["num_steps"]} for k, i in infos.items()}
 
+    # a crafted set is made (and kept) in chunks of whole batches: the keyed attacks give
+    # every image the same result in any chunk, so a long crafting run resumes mid-set
+    step = max(1, -(-(cfg.get("chunk") or len(images)) // bs)) * bs
+
+    def craft_in_chunks(name, what, model, grad, source_key, attack_name) -> torch.Tensor:
+        parts = []
+        with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv:
+            for a in range(0, len(images), step):
+                b = min(a + step, len(images))
+                part = pieces.load_tensor(f"{name}-{a}-{b}", what) if step < len(images) else None
+                if parallel.any_rank(part is None, device):
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
+                                      settings["random_start"], grad, False, gen)
+                    part = craft(atk, images[a:b], labels[a:b], bs, adv, seed=seed, start=a)
+                    if main and step < len(images):
+                        pieces.save_tensor(f"{name}-{a}-{b}", what, part)
+                else:
+                    adv(b - a)
+                parts.append(part)
+        return torch.cat(parts)
+
     def adversarial(source_key: str, attack_name: str) -> torch.Tensor:
         if (source_key, attack_name) not in cache:
             model = models[source_key]
             grad = make_gradient(model, cfg["gradient"] if is_snn(model) else None)
             what = {"source": model_id[source_key], "attack": attack_name, "gradient": grad.name,
                     **{k: v for k, v in settings.items() if k != "warnings"}}
-            x = pieces.load_tensor(f"adv-{source_key}-{attack_name}", what)
+            name = f"adv-{source_key}-{attack_name}"
+            x = pieces.load_tensor(name, what)
             if parallel.any_rank(x is None, device):  # every process makes it, or none does
-                gen = torch.Generator(device=device).manual_seed(seed)
-                atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
-                                  settings["random_start"], grad, False, gen)
-                with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv:
-                    x = craft(atk, images, labels, bs, adv, seed=seed)
+                x = craft_in_chunks(name, what, model, grad, source_key, attack_name)
                 if main:
-                    pieces.save_tensor(f"adv-{source_key}-{attack_name}", what, x)
+                    pieces.save_tensor(name, what, x)
             cache[(source_key, attack_name)] = x
         return cache[(source_key, attack_name)]
 

@@ -303,3 +303,40 @@ def test_table_resumes_from_its_pieces(tiny_models, shared_data, tmp_path, monke
     monkeypatch.setattr(snnadv.robustness, "craft", lambda *a, **k: pytest.fail("crafted again"))
     again = run_table({**cfg(tmp_path / "b"), "overwrite": True})
     assert strip(again) == strip(straight)
+
+
+def test_table_in_chunks_equals_whole_and_resumes_mid_set(tiny_models, shared_data, tmp_path, monkeypatch):
+    """``chunk``: each crafted set is made and kept in chunks of whole batches (6 images,
+    batch 4: chunks of 8, the last one short).  The table equals the one crafted whole;
+    interrupted in the middle of a set, the re-run crafts only that set's missing chunks."""
+    import snnadv.robustness
+    from snnadv.config import resolve
+    from snnadv.robustness import run_table
+
+    def cfg(out, **kw):
+        return resolve("table", flags=dict(data_dir=str(shared_data), device="cpu", quiet=True, test_subset=20,
+                                           steps=2, batch_size=4, out=str(out), tables=["1"], random_start=True,
+                                           **kw, **{k: str(v) for k, v in tiny_models.items()}))
+
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "models")}  # noqa: E731
+    whole = run_table(cfg(tmp_path / "a"))
+    real_craft, calls = snnadv.robustness.craft, []
+
+    def craft_then_interrupt(*a, **k):
+        calls.append(k["start"])
+        if len(calls) == 5:  # the second chunk of the second set (3 chunks per set: 0-8, 8-16, 16-20)
+            raise KeyboardInterrupt
+        return real_craft(*a, **k)
+
+    monkeypatch.setattr(snnadv.robustness, "craft", craft_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_table(cfg(tmp_path / "b", chunk=6))
+    assert calls == [0, 8, 16, 0, 8]
+    kept = sorted(p.name.split("-")[-3:-1] for p in (tmp_path / "b" / "pieces").glob("adv-*-*-*-*.pt"))
+    assert len(kept) == 4  # three chunks of the first set, the first chunk of the second
+    counted = []
+    monkeypatch.setattr(snnadv.robustness, "craft", lambda *a, **k: counted.append(k["start"]) or real_craft(*a, **k))
+    resumed = run_table(cfg(tmp_path / "b", chunk=6))
+    # 2 attacks x 4 sources = 8 sets of 3 chunks, minus the 4 chunks kept
+    assert len(counted) == 8 * 3 - 4 and counted[:2] == [8, 16]
+    assert strip(resumed) == strip(whole)

@@ -171,7 +171,7 @@ class Attack:
 
 
 def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, advance=None,
-          target_labels: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+          target_labels: torch.Tensor | None = None, seed: int | None = None, start: int = 0) -> torch.Tensor:
     """Adversarial versions of ``images`` (float [0, 1]), batch by batch.
 
     ``seed=None``: every image here, in batches, with whatever randomness the caller set
@@ -183,6 +183,10 @@ def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, a
     batch) runs each batch with the model's encoder seeded from ``seed`` and the batch's
     first global index: the same result only for the same batches, i.e. the same batch
     size with every shard boundary at a multiple of it.
+
+    ``start``: the global index of ``images[0]`` (keyed only), so a set crafted in pieces,
+    ``images[a:b]`` with ``start=a``, equals the set crafted whole (a non-keyable attack:
+    when every piece starts at a multiple of ``batch_size``, in one process).
 
     ``advance(n)`` after every batch (keyed: n times the number of processes, about the
     whole set's progress counted on one process's share).
@@ -202,9 +206,9 @@ def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, a
         j = min(i + batch_size, part.stop)
         t = None if target_labels is None else target_labels[i:j]
         if getattr(attack, "keyable", False):
-            block = attack.keyed(seed, torch.arange(i, j, device=images.device))
+            block = attack.keyed(seed, torch.arange(start + i, start + j, device=images.device))
         else:
-            block = encoder_seed(attack.model, batch_seed(seed, i), images.device)
+            block = encoder_seed(attack.model, batch_seed(seed, start + i), images.device)
         with block:
             out.append(attack(images[i:j], labels[i:j], t))
         if advance:
