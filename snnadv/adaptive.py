@@ -361,7 +361,7 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
         reporter.print(f"[yellow]warning:[/] {msg}")
 
     snn = is_snn(model)
-    needs_lib = any(a in ("apgd-ce", "apgd-dlr", "square") for a in p.attacks)
+    needs_lib = "square" in p.attacks or any(a.endswith("-torchattacks") for a in p.attacks)
     if needs_lib:
         try:
             import torchattacks  # noqa: F401

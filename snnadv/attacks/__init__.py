@@ -4,7 +4,8 @@
 eps-ball projection every attack ends with), :func:`make_attack` (any registered
 attack by name, :data:`snnadv.registry.ATTACKS`); the built-ins: ``fgsm``
 (:class:`FGSM`), ``pgd`` (:class:`PGD`, also the adaptive evaluation's PGD with
-restarts and the best iterate), ``apgd-ce``, ``apgd-dlr`` and ``square``
+restarts and the best iterate), ``apgd-ce`` and ``apgd-dlr`` (:class:`APGD`, with a
+per-sample early exit; their reference twins ``apgd-*-torchattacks``) and ``square``
 (torchattacks, :mod:`snnadv.attacks.adapters`).  The adaptive evaluation suite is
 :mod:`snnadv.attacks.suite`; the named protocols (``paper``, ``strong``, ``quick``) are
 :mod:`snnadv.attacks.protocols`, run as a resumable cascade by
@@ -20,7 +21,8 @@ restarts and the best iterate), ``apgd-ce``, ``apgd-dlr`` and ``square``
 from .base import Attack, check_eps, craft, make_attack, parse_eps, project, takes
 from .fgsm import FGSM
 from .pgd import PGD, margins
-from .adapters import APGD, APGDDLR, LibraryAttack, Square  # noqa: I001
+from .apgd import APGD, APGDDLR
+from .adapters import LibraryAPGD, LibraryAPGDDLR, LibraryAttack, Square  # noqa: I001
 
-__all__ = ["Attack", "FGSM", "PGD", "APGD", "APGDDLR", "Square", "LibraryAttack", "make_attack", "check_eps",
+__all__ = ["Attack", "FGSM", "PGD", "APGD", "APGDDLR", "Square", "LibraryAttack", "LibraryAPGD", "LibraryAPGDDLR", "make_attack", "check_eps",
            "parse_eps", "project", "craft", "takes", "margins"]

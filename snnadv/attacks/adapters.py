@@ -11,8 +11,10 @@ torchattacks re-seeds the global RNG; here it runs inside
 :func:`torch.random.fork_rng`, so the caller's RNG is untouched.  The result goes
 through the package's eps-ball projection like every other attack's.
 
-* ``apgd-ce`` / ``apgd-dlr``: APGD (Croce & Hein 2020), L-inf, cross-entropy or DLR
-  loss, ``restarts`` restarts, ``eot`` EOT iterations per step;
+* ``apgd-ce-torchattacks`` / ``apgd-dlr-torchattacks``: APGD (Croce & Hein 2020), L-inf,
+  cross-entropy or DLR loss, ``restarts`` restarts, ``eot`` EOT iterations per step: the
+  reference twins of the package's own ``apgd-ce`` / ``apgd-dlr``
+  (:mod:`snnadv.attacks.apgd`, with the per-sample early exit);
 * ``square``: Square (score-based, no gradients), L-inf, margin loss, ``steps`` queries
   (one per iteration).
 """
@@ -59,11 +61,12 @@ class LibraryAttack(Attack):
         return self.project(x.detach(), images)
 
 
-@register_attack("apgd-ce")
-class APGD(LibraryAttack):
-    """torchattacks' APGD, L-inf, cross-entropy loss."""
+@register_attack("apgd-ce-torchattacks")
+class LibraryAPGD(LibraryAttack):
+    """torchattacks' APGD, L-inf, cross-entropy loss: the reference twin of
+    :class:`snnadv.attacks.apgd.APGD` (``apgd-ce``)."""
 
-    name = "apgd-ce"
+    name = "apgd-ce-torchattacks"
     loss = "ce"
 
     def __init__(self, model, eps: float = 8 / 255, steps: int = 20, restarts: int = 1, eot: int = 1, seed: int = 0,
@@ -77,11 +80,11 @@ class APGD(LibraryAttack):
                                  seed=self.seed, loss=self.loss, eot_iter=self.eot)
 
 
-@register_attack("apgd-dlr")
-class APGDDLR(APGD):
-    """torchattacks' APGD, L-inf, DLR loss."""
+@register_attack("apgd-dlr-torchattacks")
+class LibraryAPGDDLR(LibraryAPGD):
+    """torchattacks' APGD, L-inf, DLR loss (the twin of ``apgd-dlr``)."""
 
-    name = "apgd-dlr"
+    name = "apgd-dlr-torchattacks"
     loss = "dlr"
 
 

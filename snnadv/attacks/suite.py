@@ -85,7 +85,7 @@ from .settings import (EvalSettings, adaptive_alpha, eps_label, paper_path, prox
 
 #: the paper suite: attack -> (steps, encoder seed offset); alpha eps/4, the last iterate
 PAPER = {"fgsm": (1, 1), "pgd": (7, 2)}
-#: torchattacks' attacks of the adaptive suite (:mod:`snnadv.attacks.adapters`)
+#: the adaptive suite's library-style attacks (APGD: :mod:`snnadv.attacks.apgd`; Square: torchattacks)
 LIBRARY = ("apgd-ce", "apgd-dlr", "square")
 #: what torchattacks differentiates on an SNN (the module itself: BPTT, training surrogate)
 LIBRARY_PATH = "bptt"
