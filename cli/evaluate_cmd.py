@@ -22,6 +22,9 @@ from .options import RegistryChoice, common_options, flags
 @click.option("--chunk", type=int, help="Images per resumable piece of a protocol (default: the protocol's).")
 @click.option("--cascade/--no-cascade", default=None,
               help="Protocols: attack only the images still correct (default) or every image.")
+@click.option("--early-exit/--no-early-exit", default=None,
+              help="Protocols: PGD keeps each image's best iterate and drops the image once adversarial "
+                   "(default: the protocol's; on for strong and quick, off for paper).")
 @click.option("--eps", help="L-inf budget(s), one or a comma-separated list, e.g. 2/255,8/255,64/255 (default 8/255).")
 @click.option("--eot", type=int, help="Encoder draws averaged per gradient step (EOT; 1 = the paper; default 4).")
 @click.option("--eval-draws", type=int, help="Encoder draws an SNN's accuracy is averaged over (default 4).")

@@ -425,16 +425,19 @@ def _ci(d: dict) -> str:
 def protocol_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The protocol's table: one row per attack and estimator with its provenance; each
     cell the robust accuracy after that attack (the cascade's running worst case): mean
-    over draws ± std [95 % Wilson interval], and the images attacked."""
-    header = ["protocol", "attack", "estimator", "steps", "restarts", "eot", "draws"] + \
+    over draws ± std [95 % Wilson interval], and the images attacked.  ``iterate``: the
+    package's attacks' result (``last``; ``best, early exit``: :mod:`snnadv.attacks.pgd`),
+    ``-`` for torchattacks' attacks."""
+    header = ["protocol", "attack", "estimator", "steps", "restarts", "eot", "iterate", "draws"] + \
         [f"acc % eps={l} (attacked)" for l in result["eps_labels"]]
     P, K = result["protocol"], str(result["eval_draws"])
-    rows = [[P, "clean", "-", "-", "-", "-", K] + [_ci(result["clean"])] * len(result["eps"])]
+    rows = [[P, "clean", "-", "-", "-", "-", "-", K] + [_ci(result["clean"])] * len(result["eps"])]
     for r in result["rows"]:
         est = r["estimator"] + (f" (k={r['slope']:.3g})" if r.get("slope") else "")
-        rows.append([P, r["label"], est, str(r["steps"]), str(r["restarts"]), str(r["eot"]), K]
+        it = "-" if r.get("iterate") is None else r["iterate"] + (", early exit" if r.get("early_exit") else "")
+        rows.append([P, r["label"], est, str(r["steps"]), str(r["restarts"]), str(r["eot"]), it, K]
                     + [f"{_ci(c['cumulative'])} ({c['attacked']})" for c in r["cells"]])
-    rows.append([P, "WORST CASE", "per sample", "", "", "", K] + [_ci(w) for w in result["worst_case"]])
+    rows.append([P, "WORST CASE", "per sample", "", "", "", "", K] + [_ci(w) for w in result["worst_case"]])
     return header, rows
 
 

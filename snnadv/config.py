@@ -92,7 +92,8 @@ STAGES = {
         "attack": "pgd", "image": 0,
     },
     "evaluate": {  # adaptive attacks, expected accuracy, masking checks (snnadv.adaptive)
-        "target_ckpt": None, "suite": "full", "protocol": None, "chunk": None, "cascade": True, "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
+        "target_ckpt": None, "suite": "full", "protocol": None, "chunk": None, "cascade": True, "early_exit": None,
+        "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
         "steps": 20, "restarts": 2, "alpha": None, "apgd_steps": 20, "square_queries": 1000,
         "sweep_eps": "0,2/255,4/255,8/255,16/255,32/255,64/255", "sweep_steps": 20, "slope": 5.0,
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
@@ -124,7 +125,7 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
                  # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
                  "attacks": ("fgsm", "pgd"),
                  # evaluate's protocols (snnadv.attacks.protocols)
-                 "protocol": None, "chunk": None, "cascade": True}
+                 "protocol": None, "chunk": None, "cascade": True, "early_exit": None}
 
 
 def keyed(settings: dict) -> dict:
@@ -439,6 +440,7 @@ SCHEMA: dict = {
     "suite": Setting("choice", choices=("paper", "adaptive", "full")), "paths": Setting("names"),
     "protocol": Setting("choice", choices=("paper", "strong", "quick"), optional=True),
     "chunk": Setting("int", 1, MAX_IMAGES, optional=True), "cascade": _BOOL,
+    "early_exit": Setting("bool", optional=True),
     "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,
     "sweep_eps": Setting("fractions", 0, 1, as_list=False),
     "sweep_steps": _STEPS, "slope": _POS(1e6), "library": _BOOL,

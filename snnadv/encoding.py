@@ -233,6 +233,18 @@ class EncoderKeys:
             self.index, self.calls, self._keys = index, calls, {}
             self.piece_calls = end
 
+    @contextmanager
+    def selected(self, rows: torch.Tensor):
+        """Images ``rows`` (positions in the batch) only, the call count going on (an attack
+        that drops the images it is done with: each image left draws what it would in the
+        whole batch); afterwards the whole batch again, its count where the block left it."""
+        index = self.index
+        self.index, self._keys = index[rows.to(index.device)], {}
+        try:
+            yield self
+        finally:
+            self.index, self._keys = index, {}
+
 
 def keyed_rate(x: torch.Tensor, num_steps: int, keys: torch.Tensor, t0: int = 0) -> torch.Tensor:
     """:func:`rate` with keyed spikes: frame t of image b is ``u < x`` with ``u`` of

@@ -210,3 +210,75 @@ def test_cli_under_torchrun_writes_what_one_process_writes(stage, tmp_path, shar
         assert [r["acc"] for r in a["rows"]] == [r["acc"] for r in b["rows"]]
         assert [r["max_linf"] for r in a["rows"]] == [r["max_linf"] for r in b["rows"]]
         assert a["gradient_stats"] == b["gradient_stats"]
+
+
+# --------------------------------------------------------------------------- the cascade
+def _cascade_attacks(snn, library: bool) -> list:
+    """torchattacks' APGD (seeded per batch), FGSM, PGD with EOT 2, restarts and early exit (keyed)."""
+    from snnadv.attacks.pgd import PGD as _PGD
+    from snnadv.eot import BatchedEOT
+
+    out = [(("apgd-ce",), lambda e: make_attack("apgd-ce", snn, e, steps=2, seed=0))] if library else []
+    src = BatchedEOT(make_gradient(snn, "alg1"), 2, snn)
+    return out + [(("fgsm",), lambda e: make_attack("fgsm", snn, e, gradient=make_gradient(snn, "alg1"))),
+                  (("pgd", "early-exit"), lambda e: _PGD(snn, e, e / 4, 3, gradient=src, restarts=2, keep_best=True,
+                                                         early_exit=True))]
+
+
+def _cascade(library: bool, store=None) -> dict:
+    """A cascade over two small eps (the tiny SNN is fragile) in pieces of 5 images, batches
+    of 3; labels: the model's own predictions on the first evaluation draw, every third one
+    another class."""
+    from snnadv.attacks.cascade import run_cascade
+
+    snn = _snn()
+    x, _ = _data()
+    y = predictions(snn, x, draws=1, seed=4, sharded=False)[0]
+    y[::3] = (y[::3] + 1) % 10
+    run = run_cascade(snn, x, y, _cascade_attacks(snn, library), [0.5 / 255, 1 / 255], draws=2, seed=4,
+                      batch_size=3, chunk=5, store=store)
+    keys = list(run.matrices)
+    return {"clean": run.clean, "worst": torch.stack(run.worst),
+            **{f"matrix {k}": torch.stack(run.matrices[k]) for k in keys},
+            **{f"cumulative {k}": torch.stack(run.cumulative[k]) for k in keys},
+            "attacked": [run.attacked[k] for k in keys], "pieces": run.pieces, "resumed": run.resumed}
+
+
+def _cascade_worker(rank: int, port: int, folder: str, library: bool) -> None:
+    from snnadv.adaptive import PieceStore
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        store = PieceStore(Path(folder) / "pieces", {"test": "cascade"})
+        first = _cascade(library, store)
+        saved = store.saved
+        parallel.barrier()
+        again = _cascade(library, PieceStore(Path(folder) / "pieces", {"test": "cascade"}))
+        torch.save({"first": first, "saved": saved, "again": again}, Path(folder) / f"cascade{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cascade_sharded_over_two_gloo_processes_equals_one_process(tmp_path):
+    """run_cascade on 2 ranks: each attacks and evaluates its part of every piece, the pieces
+    are gathered in order; per-sample worst case, every attack's matrix and the images
+    attacked equal one process's (the keyed attacks sharded by image, APGD by whole
+    batches), and rank 0 alone writes the pieces, which a second run reads back."""
+    from importlib.util import find_spec
+
+    library = find_spec("torchattacks") is not None
+    one = _cascade(library)
+    mp.spawn(_cascade_worker, args=(_free_port(), str(tmp_path), library), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"cascade{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        _same(r["first"], one)
+        counts = {"pieces": 0, "resumed": 0, "attacked": 0}
+        _same({**r["again"], **counts}, {**one, **counts})
+        assert r["again"]["pieces"] == 0 and r["again"]["resumed"] == one["pieces"]  # all read back
+    assert ranks[0]["saved"] == one["pieces"] > 0 and ranks[1]["saved"] == 0  # rank 0 alone writes
+    assert len(list((tmp_path / "pieces").glob("*.pt"))) == one["pieces"]
+    # the attacks did something, and the cascade dropped the fallen
+    assert one["clean"].any(0).sum() >= 5 and not torch.equal(one["worst"][-1], one["clean"])
+    assert one["attacked"][0][1] > one["attacked"][-1][1] > 0

@@ -72,6 +72,18 @@ def test_cascade_equals_every_attack_on_every_image_and_is_at_least_as_strong():
     assert casc.clean.any() and not torch.equal(casc.worst[-1], casc.clean)  # the attacks did something
 
 
+def test_share_gives_each_rank_a_contiguous_part_whole_batches_for_unkeyable_attacks():
+    from snnadv.attacks.cascade import share
+    from snnadv.parallel import World
+
+    for n, bs, size in ((5, 3, 2), (10, 3, 3), (2, 4, 3), (7, 2, 4)):
+        for whole in (False, True):
+            parts = [share(n, bs, whole, World(r, size)) for r in range(size)]
+            assert [i for p in parts for i in range(n)[p]] == list(range(n))
+            if whole:  # every part starts at a batch boundary: one process's batches
+                assert all(p.start % bs == 0 or p.start == n for p in parts)
+
+
 def test_keyed_correct_is_correct_matrix_column_by_column():
     snn = small_snn()
     x, y = data(snn)
@@ -139,6 +151,35 @@ def test_presets_resolve_and_overrides_apply():
     assert [sp.eot for sp in ann_specs] == [1, 1, 1]
 
 
+def test_early_exit_on_in_strong_and_quick_and_labelled_in_every_row():
+    assert PROTOCOLS["strong"].early_exit and PROTOCOLS["quick"].early_exit and not PROTOCOLS["paper"].early_exit
+    assert not resolve_protocol("quick", {"early_exit": False}).early_exit
+    snn = small_snn()
+    x, y = data(snn)
+    kw = dict(seed=3, batch_size=5)
+    plain = evaluate_protocol(snn, x, y, resolve_protocol("paper", {"eps": EPS, "chunk": 5}), **kw)
+    p = resolve_protocol("paper", {"eps": EPS, "chunk": 5, "early_exit": True})
+    early = evaluate_protocol(snn, x, y, p, **kw)
+    assert [(r["label"], r["iterate"], r["early_exit"]) for r in plain["rows"]] == [
+        ("FGSM", "last", False), ("PGD-7", "last", False)]  # the paper's PGD: the last iterate
+    assert [(r["label"], r["iterate"], r["early_exit"]) for r in early["rows"]] == [
+        ("FGSM", "last", False), ("PGD-7", "best", True)]
+    assert early["rows"][1]["key"][-1] == "early-exit" and plain["rows"][1]["key"][-1] == "paper"  # other pieces
+    assert [c["early_exit"] for c in early["cost"]] == [False, True]
+    # keyed: the cascade still equals the attacks on every image, sample by sample and draw by draw
+    full = evaluate_protocol(snn, x, y, p, cascade=False, **kw)
+    assert [torch.equal(a, b) for a, b in zip(early["correct"]["worst"], full["correct"]["worst"])] == [True] * 2
+    from snnadv.adaptive import protocol_rows
+
+    header, rows = protocol_rows(early)
+    assert "iterate" in header and rows[2][header.index("iterate")] == "best, early exit"
+    from snnadv.adaptive import protocol_from_config
+    from snnadv.config import resolve
+
+    assert not protocol_from_config(resolve("evaluate", {}, {"protocol": "strong", "early_exit": False})).early_exit
+    assert protocol_from_config(resolve("evaluate", {}, {"protocol": "quick"})).early_exit
+
+
 def test_quick_protocol_labels_every_number():
     pytest.importorskip("torchattacks")
     snn = small_snn()
@@ -150,6 +191,7 @@ def test_quick_protocol_labels_every_number():
     for row in r["rows"]:
         for k in ("protocol", "attack", "estimator", "steps", "restarts", "eot", "draws", "images"):
             assert row[k] is not None
+        assert row["early_exit"] is (False if row["attack"] == "fgsm" else None)  # APGD, Square: their own
         for c in row["cells"]:
             assert {"eps", "attacked", "seconds", "cumulative"} <= set(c) and len(c["cumulative"]["ci95"]) == 2
     assert r["rows"][1]["eot"] == 2 and r["rows"][1]["estimator"] == "alg1"
@@ -305,7 +347,7 @@ def test_config_protocol_with_overrides_and_old_keys_unchanged():
     assert [round(e * 255) for e in p.eps] == [2, 4, 8] and p.square_queries == 5000  # not given: the preset's
     plain = resolve("evaluate", {}, {})
     assert "given" not in plain  # without a protocol: the settings (and reproduce's keys) of before
-    before = {k: v for k, v in plain.items() if k not in ("protocol", "chunk", "cascade")}
+    before = {k: v for k, v in plain.items() if k not in ("protocol", "chunk", "cascade", "early_exit")}
     assert settings_key(plain) == settings_key(before)
 
 

@@ -117,6 +117,25 @@ class Attack:
         finally:
             self.key = None
 
+    @contextmanager
+    def rows(self, rows: torch.Tensor):
+        """Inside the block the attack works on the images ``rows`` (positions in its batch)
+        only, e.g. the ones still standing after an early exit: inside :meth:`keyed`, their
+        global indices key :meth:`uniform` and the encoder, whose call count goes on
+        (:meth:`snnadv.encoding.EncoderKeys.selected`), so each image left draws exactly
+        what it would in the whole batch.  Afterwards the whole batch again."""
+        key, keys = self.key, current_keys(self.model)
+        if key is not None:
+            self.key = (key[0], key[1][rows.to(key[1].device)])
+        try:
+            if keys is None:
+                yield self
+            else:
+                with keys.selected(rows):
+                    yield self
+        finally:
+            self.key = key
+
     def uniform(self, shape, draw: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Uniform numbers in [0, 1) of ``shape`` (a batch): keyed by (seed, image index,
         ``draw``) inside :meth:`keyed` (:func:`snnadv.encoding.keyed_uniform`, a stream

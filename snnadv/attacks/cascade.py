@@ -17,8 +17,11 @@ per batch, so for them the cascade is the same attack in distribution, not bit f
 
 Early exit per sample: torchattacks' APGD and Square themselves only work on the
 points the model still classifies correctly (and across restarts on those not yet
-fooled), so a sample leaves as soon as it is fooled.  FGSM and PGD-7 (the paper's
-attacks) run their fixed steps on the alive images.
+fooled), so a sample leaves as soon as it is fooled.  The package's PGD does so with
+``early_exit`` (a protocol's setting, :mod:`snnadv.attacks.protocols`: it keeps each
+image's best iterate and drops the image once adversarial, keyed as before, so the
+cascade still equals every attack on every image); FGSM and the paper's PGD-7 (the
+last iterate) run their fixed steps on the alive images.
 
 Resumable: the images are cut into fixed chunks of global indices; each (attack, eps,
 chunk) is one piece, its result the [K, alive-in-chunk] correctness of the attacked
@@ -27,8 +30,21 @@ images.  ``store`` (``load(what)`` / ``save(what, tensor)``, e.g. on
 attack, eps, chunk and the alive images, so an interrupted run resumes where it stopped
 with the same result.
 
+Processes (:mod:`snnadv.parallel`): under ``torchrun`` the ranks share out each piece's
+images, every rank attacks and evaluates its contiguous part (keyed by the images'
+global indices) and the piece's correctness is gathered in order on every rank
+(:func:`snnadv.parallel.gather_cat`), so every rank holds the whole run and it equals
+one process's, image by image and draw by draw.  A keyable attack's part is a shard of
+the images (:func:`snnadv.parallel.shard`); any other (torchattacks' APGD and Square,
+seeded per batch) gets whole batches of the piece, the very batches one process makes,
+so it too gives one process's result (but at most as many ranks work on a piece as it
+has batches: a chunk of at least ranks x batch size keeps them all busy).  Rank 0 alone
+reads and writes the pieces: it decides which are done (its answer broadcast, so the
+ranks never disagree) and saves each new one.  The clean evaluation is sharded too.
+
 Cost: wall-clock seconds per (attack, eps), the images attacked, and seconds per 100
-attacked images (``clock`` may be replaced in tests).  Nothing here prints or writes.
+attacked images (``clock`` may be replaced in tests; under ``torchrun`` this rank's
+clock).  Nothing here prints or writes.
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import parallel
 from ..encoding import encoder_seed
 from ..evaluation import is_snn, predictions
 from .base import batch_seed
@@ -46,12 +63,23 @@ from .base import batch_seed
 
 @torch.no_grad()
 def keyed_correct(model, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, draws: int = 1,
-                  seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+                  seed: int = 0, batch_size: int = 256, sharded: bool = False) -> torch.Tensor:
     """Boolean [K, n] on the CPU: image ``index[i]`` correct at evaluation draw k, keyed by
     the images' *global* indices (so equal, column by column, to
-    :func:`snnadv.evaluation.correctness` on the whole set)."""
-    pred = predictions(model, images, batch_size, draws, seed, index=index, sharded=False)
+    :func:`snnadv.evaluation.correctness` on the whole set); ``sharded``: shared out over
+    the ranks and gathered (:func:`snnadv.evaluation.predictions`)."""
+    pred = predictions(model, images, batch_size, draws, seed, index=index, sharded=sharded)
     return (pred == labels.to(pred.device)).cpu()
+
+
+def share(n: int, batch_size: int, whole_batches: bool, w: parallel.World | None = None) -> slice:
+    """This rank's contiguous part of a piece of ``n`` images: its shard of the images
+    (:func:`snnadv.parallel.shard`), or with ``whole_batches`` its shard of the piece's
+    batches of ``batch_size`` (the batches one process makes)."""
+    if not whole_batches:
+        return parallel.shard(n, w)
+    b = parallel.shard(-(-n // batch_size), w)
+    return slice(min(b.start * batch_size, n), min(b.stop * batch_size, n))
 
 
 def craft_at(attack, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, batch_size: int,
@@ -103,9 +131,10 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
     ``advance(info)`` after every piece.  Returns a :class:`CascadeRun`."""
     N = len(images)
     K = draws if is_snn(model) else 1
+    w = parallel.world()
     allidx = torch.arange(N)
     t0 = clock()
-    clean = keyed_correct(model, images, labels, allidx, K, seed, batch_size)
+    clean = keyed_correct(model, images, labels, allidx, K, seed, batch_size, sharded=True)
     run = CascadeRun(clean=clean, eval_seconds=clock() - t0)
     chunks = [(a, min(a + chunk, N)) for a in range(0, N, chunk)]
     for key, _ in attacks:
@@ -124,26 +153,35 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
                     continue
                 what = {"attack": list(map(str, key)), "eps": float(eps), "chunk": [a, b],
                         "alive": alive.tolist(), "draws": K, "seed": seed, "batch_size": batch_size}
-                got = store.load(what) if store is not None else None
-                if got is not None and tuple(got.shape) == (K, len(alive)):
-                    C[:, alive] = got.bool()
+                got = None
+                if store is not None:  # rank 0 decides, so that every rank computes the same pieces
+                    got = store.load(what) if w.main else None
+                    if got is not None and tuple(got.shape) != (K, len(alive)):
+                        got = None
+                    got = parallel.broadcast_object(None if got is None else got.bool().cpu())
+                if got is not None:
+                    C[:, alive] = got
                     run.resumed += 1
                 else:
                     t1 = clock()
-                    if eps == 0:
-                        x_adv = images[alive]
-                    else:
+                    if eps != 0:
                         attack = attack or build(eps)
-                        x_adv = craft_at(attack, images[alive], labels[alive], alive, batch_size,
+                    keyable = eps == 0 or getattr(attack, "keyable", False)
+                    mine = alive[share(len(alive), batch_size, not keyable, w)]
+                    if eps == 0:
+                        x_adv = images[mine]
+                    else:
+                        x_adv = craft_at(attack, images[mine], labels[mine], mine, batch_size,
                                          attack_seed(seed, key))
                     te = clock()
-                    got = keyed_correct(model, x_adv, labels[alive], alive, K, seed, batch_size)
+                    got = keyed_correct(model, x_adv, labels[mine], mine, K, seed, batch_size)
+                    got = parallel.gather_cat(got.t().contiguous(), w).t()
                     t2 = clock()
                     secs += te - t1
                     run.eval_seconds += t2 - te
                     n_att += len(alive)
                     C[:, alive] = got
-                    if store is not None:
+                    if store is not None and w.main:
                         store.save(what, got)
                     run.pieces += 1
                 if advance:

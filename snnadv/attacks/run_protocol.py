@@ -1,11 +1,14 @@
 """Evaluate one model under a named protocol (:mod:`snnadv.attacks.protocols`) as a
 cascade (:mod:`snnadv.attacks.cascade`): every number labelled with the protocol,
-attack, estimator, steps, EOT, restarts, draws, eps and images; 95 % Wilson intervals
-and the spread over the evaluation draws (:func:`snnadv.stats.accuracy_stats`); the cost
+attack, estimator, steps, EOT, restarts, draws, eps and images, and for the package's
+own attacks (FGSM, PGD) the iterate returned (``last``, or ``best`` with the
+protocol's ``early_exit``) and whether images left early; 95 % Wilson intervals and
+the spread over the evaluation draws (:func:`snnadv.stats.accuracy_stats`); the cost
 of every attack and estimator (seconds per 100 attacked images).
 
 Gradient attacks on an SNN differentiate an estimator: the paper's FGSM / PGD-7 use the
-paper's path (alg1); APGD-CE / APGD-DLR run through
+paper's path (alg1; PGD with the protocol's ``early_exit``: the best iterate, each
+image dropped once adversarial); APGD-CE / APGD-DLR run through
 :class:`snnadv.estimator.EstimatorModule` (the SNN's logits forward, the path's gradient
 backward, EOT M: the mean of M draws' logits and gradients per call) for every path of
 the protocol.  With the sharpness search, ``bptt-fast-sigmoid`` uses the slope found by
@@ -45,7 +48,7 @@ def protocol_specs(model, p: Protocol, paths: list[str]) -> list[AttackSetting]:
     for a in p.attacks:
         if a in PAPER:
             steps = 1 if a == "fgsm" else p.steps
-            out.append(AttackSetting(a, pp, steps, 1, 1, "paper", "paper"))
+            out.append(AttackSetting(a, pp, steps, 1, 1, "paper", "paper", early_exit=p.early_exit and a == "pgd"))
         elif a in ("apgd-ce", "apgd-dlr"):
             for q in paths:
                 out.append(AttackSetting(a, q, p.apgd_steps, p.restarts, M if stochastic_path(model, q) else 1,
@@ -68,7 +71,8 @@ def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None,
             src = make_gradient(model, None if sp.path == "autograd" else sp.path, 1, slope=slope, proxy=proxy)
             if sp.eot > 1 and snn:
                 src = BatchedEOT(src, sp.eot, model)
-            return make_attack(sp.attack, model, eps, eps / 4, sp.steps, gradient=src)
+            exit_early = {"keep_best": True, "early_exit": True} if sp.early_exit else {}
+            return make_attack(sp.attack, model, eps, eps / 4, sp.steps, gradient=src, **exit_early)
         if sp.attack == "square":
             return make_attack("square", model, eps, steps=sp.steps, seed=seed)
         target = model
@@ -140,9 +144,12 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
                 # this attack alone (only when every image was attacked)
                 "alone": None if cascade else accuracy_stats(run.matrices[k][j].numpy()),
             })
+        ours = sp.group == "paper"  # the package's FGSM / PGD (torchattacks' attacks: their own behaviour)
         rows.append({"protocol": p.name, "label": sp.label, "attack": sp.attack, "group": sp.group,
                      "estimator": sp.path, "path": sp.path, "steps": sp.steps, "restarts": sp.restarts,
                      "eot": sp.eot, "draws": K, "images": N, "key": list(map(str, sp.key)),
+                     "iterate": ("best" if sp.early_exit else "last") if ours else None,
+                     "early_exit": sp.early_exit if ours else None,
                      "slope": slope if sp.path == SHARP_PATH else None, "cells": cells})
     worst = [{"eps": e, "eps_label": eps_label(e), **accuracy_stats(w.numpy())} for e, w in zip(eps, run.worst)]
     cost = cost_table(rows, N)
@@ -165,6 +172,7 @@ def cost_table(rows: list[dict], images: int) -> list[dict]:
         secs = sum(c["seconds"] for c in r["cells"])
         n = sum(c["attacked"] for c in r["cells"])
         out.append({"attack": r["label"], "estimator": r["estimator"], "eot": r["eot"], "steps": r["steps"],
+                    "early_exit": r["early_exit"],
                     "seconds": secs, "attacked": n, "per_100_attacked": 100.0 * secs / n if n else None,
                     "per_100_images": 100.0 * secs / images if images else None})
     return out

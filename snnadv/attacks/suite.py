@@ -185,10 +185,12 @@ class AttackSetting:
     eot: int = 1
     alpha: str = "adaptive"   # "paper" (eps / 4) or "adaptive"
     group: str = "adaptive"   # paper | adaptive | library | transfer | ladder
+    early_exit: bool = False  # pgd: the best iterate, each image dropped once adversarial
 
     @property
     def key(self) -> tuple:
-        return (self.attack, self.path, self.steps, self.restarts, self.eot, self.alpha)
+        key = (self.attack, self.path, self.steps, self.restarts, self.eot, self.alpha)
+        return key + ("early-exit",) if self.early_exit else key
 
     @property
     def label(self) -> str:
