@@ -112,3 +112,38 @@ def test_dlr_and_checkpoints():
     # image 0: correct, margin 2 over (3 - 0); image 1: wrong, margin -5 over (5 - 1)
     torch.testing.assert_close(dlr_loss(z, y), torch.tensor([-2 / 3, 5 / 4]))
     assert checkpoints(100) == (22, 6, 3) and checkpoints(5) == (1, 1, 1)
+
+
+def test_confirmed_exit_on_an_snn_leaves_only_images_fooled_on_every_evaluation_draw():
+    """On an SNN through its estimator, an image leaves early only with an iterate that
+    the K keyed evaluation draws (the ones the cascade scores it with) all misclassify;
+    the images left are attacked on; fewer image-steps than without the exit."""
+    from snnadv.attacks.apgd import FooledOnEveryDraw
+    from snnadv.attacks.cascade import craft_at, keyed_correct
+
+    torch.manual_seed(0)
+    snn = SNN(get_spec("tiny", 10), num_steps=4, leak=0.95).eval()
+    snn.set_thresholds({n: 0.3 for n in snn.neuron_names})
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 32, 32, generator=g)
+    index = torch.arange(100, 108)  # global indices: the keyed draws depend on them
+    K, seed = 3, 7
+    with torch.no_grad():
+        y = EstimatorModule(snn, "bptt-fast-sigmoid")(x).argmax(1)
+    target = EstimatorModule(snn, "bptt-fast-sigmoid", eot=2)
+    plain = APGD(target, 32 / 255, steps=8)
+    fast = APGD(target, 32 / 255, steps=8, early_exit=True, confirm=FooledOnEveryDraw(snn, K, seed))
+    craft_at(plain, x, y, index, 8, seed)
+    out = craft_at(fast, x, y, index, 8, seed)
+    wrong_everywhere = ~keyed_correct(snn, out, y, index, K, seed).any(0)
+    assert wrong_everywhere.any()  # some images fooled on every draw ...
+    assert fast.image_steps < plain.image_steps  # ... and they left early
+    _, hit, _, adv = fast.run(x, y, index)  # every image that left: fooled on every evaluation draw
+    assert hit.any() and not keyed_correct(snn, adv[hit], y[hit], index[hit], K, seed).any()
+    with pytest.raises(Exception, match="global indices"):
+        fast(x, y)  # not through craft: no indices to key the evaluation draws
+
+
+def test_confirm_needs_early_exit():
+    with pytest.raises(Exception, match="early_exit"):
+        APGD(small_ann(), EPS, confirm=lambda *a: None)

@@ -191,7 +191,9 @@ def test_quick_protocol_labels_every_number():
     for row in r["rows"]:
         for k in ("protocol", "attack", "estimator", "steps", "restarts", "eot", "draws", "images"):
             assert row[k] is not None
-        assert row["early_exit"] is (False if row["attack"] == "fgsm" else None)  # APGD, Square: their own
+        # FGSM: fixed steps; APGD (ours): leaves only when wrong on every evaluation draw; Square: its own
+        assert row["early_exit"] is {"fgsm": False, "apgd-ce": True, "square": None}[row["attack"]]
+        assert row["exit_test"] == ("wrong on every evaluation draw" if row["attack"] == "apgd-ce" else None)
         for c in row["cells"]:
             assert {"eps", "attacked", "seconds", "cumulative"} <= set(c) and len(c["cumulative"]["ci95"]) == 2
     assert r["rows"][1]["eot"] == 2 and r["rows"][1]["estimator"] == "alg1"

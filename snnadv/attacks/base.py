@@ -49,6 +49,16 @@ from ..gradients import make_gradient
 from ..registry import ATTACKS
 
 
+@contextmanager
+def attack_index(attack, index: torch.Tensor):
+    """Inside the block ``attack.index`` is ``index`` (the batch's global image indices)."""
+    attack.index = index
+    try:
+        yield attack
+    finally:
+        attack.index = None
+
+
 def project(x: torch.Tensor, images: torch.Tensor, eps: float) -> torch.Tensor:
     """Clip ``x`` to the L-inf ball of radius ``eps`` around ``images``, then to [0, 1]."""
     return torch.min(torch.max(x, images - eps), images + eps).clamp(0.0, 1.0)
@@ -80,6 +90,9 @@ class Attack:
     keyable = True
     #: (seed, global image indices) of the batch being attacked inside :meth:`keyed`
     key: tuple | None = None
+    #: the global indices of the batch being attacked (set by :func:`craft` and
+    #: :func:`~snnadv.attacks.cascade.craft_at` for every attack, keyable or not)
+    index: torch.Tensor | None = None
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, gradient=None, targeted: bool = False):
         check_eps(eps)
@@ -228,7 +241,7 @@ def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, a
             block = attack.keyed(seed, torch.arange(start + i, start + j, device=images.device))
         else:
             block = encoder_seed(attack.model, batch_seed(seed, start + i), images.device)
-        with block:
+        with block, attack_index(attack, torch.arange(start + i, start + j, device=images.device)):
             out.append(attack(images[i:j], labels[i:j], t))
         if advance:
             advance((j - i) * w.size)

@@ -58,7 +58,7 @@ import torch
 from .. import parallel
 from ..encoding import encoder_seed
 from ..evaluation import is_snn, predictions
-from .base import batch_seed
+from .base import attack_index, batch_seed
 
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ def craft_at(attack, images: torch.Tensor, labels: torch.Tensor, index: torch.Te
             block = attack.keyed(seed, idx)
         else:
             block = encoder_seed(attack.model, batch_seed(seed, int(idx[0])), images.device)
-        with block:
+        with block, attack_index(attack, idx):
             out.append(attack(x, y))
     return torch.cat(out) if out else images.clone()
 

@@ -17,13 +17,15 @@ order, each only on the images still correct under the worst case so far.
   2, Square 50 queries, 2 draws, eps 8/255).
 
 ``early_exit`` (on in ``strong`` and ``quick``, where only robust accuracy counts; off in
-``paper``): a protocol's ``pgd`` keeps each image's best iterate and drops the image as
-soon as it is adversarial (:mod:`snnadv.attacks.pgd`); off, ``pgd`` is the paper's
-(the last iterate).  torchattacks' APGD and Square keep their own behaviour (they
-attack only the points still classified correctly), so in ``strong`` and ``quick``, which
-run no ``pgd``, it changes nothing yet.  On a stochastic SNN it makes PGD weaker, not
-only faster (an image leaves once one step's draws are fooled: see
-:mod:`snnadv.attacks.pgd`).  Every row of a result says whether its attack exited early.
+``paper``): APGD (:mod:`snnadv.attacks.apgd`) drops an image from the batch once it is
+fooled; on an SNN only when the iterate is wrong on *every* evaluation draw that will
+score it (:class:`snnadv.attacks.apgd.FooledOnEveryDraw`: the exit then never weakens
+the cascade's result), on an ANN when its logits misclassify it.  A protocol's ``pgd``
+keeps each image's best iterate and drops the image as soon as one step's logits call it
+adversarial (:mod:`snnadv.attacks.pgd`); on a stochastic SNN that makes PGD weaker, not
+only faster (fresh draws often classify that iterate correctly), so no preset runs it.
+Square stops querying an image once it is fooled (torchattacks).  Every row of a result
+says whether its attack exited early and on what test.
 """
 
 from __future__ import annotations

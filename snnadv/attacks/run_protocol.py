@@ -52,7 +52,7 @@ def protocol_specs(model, p: Protocol, paths: list[str]) -> list[AttackSetting]:
         elif a in ("apgd-ce", "apgd-dlr"):
             for q in paths:
                 out.append(AttackSetting(a, q, p.apgd_steps, p.restarts, M if stochastic_path(model, q) else 1,
-                                         group="library"))
+                                         group="library", early_exit=p.early_exit))
         elif a == "square":
             out.append(AttackSetting("square", "none", p.square_queries, 1, 1, group="library"))
         else:
@@ -61,9 +61,11 @@ def protocol_specs(model, p: Protocol, paths: list[str]) -> list[AttackSetting]:
 
 
 def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None, seed: int = 0,
-                   batched: bool = True):
+                   batched: bool = True, draws: int = 1, batch_size: int = 64):
     """``build(eps)`` for one attack setting (see the module docstring); ``batched``: EOT
-    draws in the batch dimension (:mod:`snnadv.eot`)."""
+    draws in the batch dimension (:mod:`snnadv.eot`); ``draws``/``seed``: the evaluation
+    draws that score the attack, which APGD's early exit on an SNN asks before an image
+    leaves (:class:`snnadv.attacks.apgd.FooledOnEveryDraw`)."""
     snn = is_snn(model)
 
     def build(eps: float):
@@ -83,7 +85,14 @@ def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None,
             if proxy_path(sp.path):
                 opts["proxy"] = proxy
             target = EstimatorModule(model, sp.path, eot=sp.eot, batched=batched, **opts)
-        return make_attack(sp.attack, target, eps, steps=sp.steps, restarts=sp.restarts, eot=1, seed=seed)
+        exit_early = {}
+        if sp.early_exit:
+            from .apgd import FooledOnEveryDraw
+
+            exit_early = {"early_exit": True,
+                          "confirm": FooledOnEveryDraw(model, draws, seed, batch_size) if snn else None}
+        return make_attack(sp.attack, target, eps, steps=sp.steps, restarts=sp.restarts, eot=1, seed=seed,
+                           **exit_early)
 
     return build
 
@@ -124,7 +133,8 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
     else:
         skipped = []
     specs = protocol_specs(model, p, paths)
-    attacks = [(sp.key, attack_builder(model, sp, slope=slope, proxy=proxy, seed=seed, batched=p.batched_eot))
+    attacks = [(sp.key, attack_builder(model, sp, slope=slope, proxy=proxy, seed=seed, batched=p.batched_eot,
+                                       draws=K, batch_size=batch_size))
                for sp in specs]
     eps = [float(e) for e in p.eps]
     run = run_cascade(model, images, labels, attacks, eps, draws=K, seed=seed, batch_size=batch_size,
@@ -144,12 +154,16 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
                 # this attack alone (only when every image was attacked)
                 "alone": None if cascade else accuracy_stats(run.matrices[k][j].numpy()),
             })
-        ours = sp.group == "paper"  # the package's FGSM / PGD (torchattacks' attacks: their own behaviour)
+        ours = sp.group == "paper" or sp.attack.startswith("apgd")  # the package's FGSM / PGD / APGD
+        apgd = sp.attack.startswith("apgd")
+        exit_test = None
+        if sp.early_exit:  # what makes an image leave an attack early
+            exit_test = "wrong on every evaluation draw" if apgd and snn else "the step's logits"
         rows.append({"protocol": p.name, "label": sp.label, "attack": sp.attack, "group": sp.group,
                      "estimator": sp.path, "path": sp.path, "steps": sp.steps, "restarts": sp.restarts,
                      "eot": sp.eot, "draws": K, "images": N, "key": list(map(str, sp.key)),
-                     "iterate": ("best" if sp.early_exit else "last") if ours else None,
-                     "early_exit": sp.early_exit if ours else None,
+                     "iterate": ("best" if sp.early_exit or apgd else "last") if ours else None,
+                     "early_exit": sp.early_exit if ours else None, "exit_test": exit_test,
                      "slope": slope if sp.path == SHARP_PATH else None, "cells": cells})
     worst = [{"eps": e, "eps_label": eps_label(e), **accuracy_stats(w.numpy())} for e, w in zip(eps, run.worst)]
     cost = cost_table(rows, N)
