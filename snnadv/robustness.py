@@ -200,15 +200,16 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
     step = max(1, -(-(cfg.get("chunk") or len(images)) // bs)) * bs
 
     def craft_in_chunks(name, what, model, grad, source_key, attack_name) -> torch.Tensor:
-        parts = []
+        parts, atk = [], None
         with reporter.progress(f"crafting {attack_name} on {source_key} ({grad.name})", len(images)) as adv:
             for a in range(0, len(images), step):
                 b = min(a + step, len(images))
                 part = pieces.load_tensor(f"{name}-{a}-{b}", what) if step < len(images) else None
                 if parallel.any_rank(part is None, device):
-                    gen = torch.Generator(device=device).manual_seed(seed)
-                    atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
-                                      settings["random_start"], grad, False, gen)
+                    if atk is None:  # built once, for the first chunk not kept
+                        gen = torch.Generator(device=device).manual_seed(seed)
+                        atk = make_attack(attack_name, model, settings["eps"], settings["alpha"], settings["steps"],
+                                          settings["random_start"], grad, False, gen)
                     part = craft(atk, images[a:b], labels[a:b], bs, adv, seed=seed, start=a)
                     if main and step < len(images):
                         pieces.save_tensor(f"{name}-{a}-{b}", what, part)

@@ -51,8 +51,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import SnnadvError
 from ..registry import register_attack
-from .base import Attack, check_eps
+from .base import Attack, check_eps, project
 
 
 def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,15 +82,11 @@ class APGD(Attack):
                  targeted: bool = False, *, early_exit: bool = False, confirm=None):
         check_eps(eps, None, steps)
         if targeted:
-            from ..errors import SnnadvError
-
             raise SnnadvError(f"{self.name} runs untargeted only here")
         self.model, self.eps, self.targeted, self.gradient = model, float(eps), False, None
         self.steps, self.restarts, self.eot, self.seed = int(steps), int(restarts), int(eot), int(seed)
         self.early_exit, self.confirm = bool(early_exit), confirm
         if confirm is not None and not early_exit:
-            from ..errors import SnnadvError
-
             raise SnnadvError(f"{self.name}: confirm is the early exit's test: it needs early_exit=True")
         #: image-steps computed by the last call (the cost early exit saves)
         self.image_steps = 0
@@ -150,8 +147,6 @@ class APGD(Attack):
         ``attack_single_run``; with ``early_exit``, "fooled" is the exit test."""
         n, eps, steps = len(x), self.eps, self.steps
         if self.confirm is not None and index is None:
-            from ..errors import SnnadvError
-
             raise SnnadvError(f"{self.name}: confirm needs the images' global indices (craft sets them)")
         k, k_min, k_decr = checkpoints(steps)
         t = 2 * torch.rand(x.shape).to(x.device) - 1  # on the CPU RNG, as torchattacks
@@ -160,18 +155,16 @@ class APGD(Attack):
         live = torch.arange(n, device=x.device)
         out_best, out_hit = x_adv.clone(), x_adv.clone()
         out_loss = torch.empty(n, device=x.device)
-        hit = torch.zeros(n, dtype=torch.bool, device=x.device)
         x_best = x_adv.clone()
         grad, loss, logits = self.gradient_at(x_adv, y)
         grad_best, loss_best = grad.clone(), loss.clone()
-        hit |= self.fooled(x_adv, y, logits, index)
+        hit = self.fooled(x_adv, y, logits, index)  # out_hit already holds these (the start)
         step = torch.full((n, *[1] * (x.dim() - 1)), 2.0 * eps, device=x.device)
         x_old = x_adv.clone()
         loss_steps = torch.zeros(steps, n, device=x.device)
         last_best, reduced = loss_best.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
         since = 0
         xs, ys = x, y
-        out_hit[hit] = x_adv[hit]
         for i in range(steps):
             if self.early_exit:
                 keep = ~hit[live]
@@ -188,8 +181,8 @@ class APGD(Attack):
                 a = 0.75 if i > 0 else 1.0
                 momentum = x_adv - x_old
                 x_old = x_adv
-                z = _clip(x_adv + step * grad.sign(), xs, eps)
-                x_adv = _clip(x_adv + (z - x_adv) * a + momentum * (1 - a), xs, eps)
+                z = project(x_adv + step * grad.sign(), xs, eps)
+                x_adv = project(x_adv + (z - x_adv) * a + momentum * (1 - a), xs, eps)
             grad, loss, logits = self.gradient_at(x_adv, ys)
             with torch.no_grad():
                 wrong = self.fooled(x_adv, ys, logits, None if index is None else index[live.to(index.device)])
@@ -218,10 +211,6 @@ class APGDDLR(APGD):
 
     name = "apgd-dlr"
     loss = "dlr"
-
-
-def _clip(x: torch.Tensor, images: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.min(torch.max(x, images - eps), images + eps).clamp(0.0, 1.0)
 
 
 class FooledOnEveryDraw:

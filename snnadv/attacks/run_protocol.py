@@ -154,8 +154,8 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
                 # this attack alone (only when every image was attacked)
                 "alone": None if cascade else accuracy_stats(run.matrices[k][j].numpy()),
             })
-        ours = sp.group == "paper" or sp.attack.startswith("apgd")  # the package's FGSM / PGD / APGD
         apgd = sp.attack.startswith("apgd")
+        ours = sp.group == "paper" or apgd  # the package's FGSM / PGD / APGD
         exit_test = None
         if sp.early_exit:  # what makes an image leave an attack early
             exit_test = "wrong on every evaluation draw" if apgd and snn else "the step's logits"
