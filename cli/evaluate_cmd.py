@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from snnadv.attacks.protocols import ATTACK_NAMES, PROTOCOLS
 from snnadv.registry import GRADIENTS
 
 from .options import RegistryChoice, common_options, flags
@@ -15,10 +16,14 @@ from .options import RegistryChoice, common_options, flags
 @click.option("--suite", type=click.Choice(["paper", "adaptive", "full"]),
               help="paper (FGSM, PGD-7, paper gradient) | adaptive (PGD over gradient paths, APGD, Square) | "
                    "full (both + accuracy vs eps + sanity checks; default).")
-@click.option("--protocol", type=click.Choice(["paper", "strong", "quick"]),
+@click.option("--protocol", type=click.Choice(list(PROTOCOLS)),
               help="A named preset run as a cascade: paper (FGSM, PGD-7) | strong (APGD-CE/DLR 100 steps, EOT 10, "
-                   "every estimator, sharpness search, Square 5000, eps 2,4,8/255) | quick (tests). Options given "
-                   "beside it override the preset; replaces --suite.")
+                   "every estimator, sharpness search, Square 5000, eps 2,4,8/255) | strong-cpu (paper's FGSM and "
+                   "PGD-7 first, then APGD-CE/DLR 25 steps EOT 4 through alg1, sharpened bptt and rate, Square 300) "
+                   "| quick (tests). Options given beside it override the preset; replaces --suite.")
+@click.option("--attacks", "protocol_attacks",
+              help=f"Protocols: the attacks in cascade order, comma separated ({', '.join(ATTACK_NAMES)}; "
+                   "default: the protocol's).")
 @click.option("--chunk", type=int, help="Images per resumable piece of a protocol (default: the protocol's).")
 @click.option("--cascade/--no-cascade", default=None,
               help="Protocols: attack only the images still correct (default) or every image.")

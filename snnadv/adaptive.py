@@ -307,8 +307,10 @@ def protocol_from_config(cfg: dict):
     from .attacks.protocols import OVERRIDABLE, resolve_protocol
     from .attacks.settings import parse_eps_list
 
-    given = set(cfg.get("given", OVERRIDABLE))
+    given = set(cfg.get("given", (*OVERRIDABLE, "protocol_attacks")))
     over = {k: cfg.get(k) for k in OVERRIDABLE if k in given and cfg.get(k) is not None}
+    if cfg.get("protocol_attacks") is not None and "protocol_attacks" in given:  # --attacks / [evaluate] protocol_attacks
+        over["attacks"] = cfg["protocol_attacks"]
     if "eps" in over:
         over["eps"] = parse_eps_list(over["eps"])
     return resolve_protocol(cfg["protocol"], over)
@@ -398,7 +400,8 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
                                    store=store, advance=step)
     correct = result.pop("correct")
     result["correct"] = {"clean": encode_correct(correct["clean"]),
-                         "worst": [encode_correct(w) for w in correct["worst"]]}
+                         "worst": [encode_correct(w) for w in correct["worst"]],
+                         "cumulative": [[encode_correct(w) for w in row] for row in correct["cumulative"]]}
     lib = None
     try:
         import torchattacks

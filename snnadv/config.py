@@ -29,6 +29,7 @@ from pathlib import Path, PurePath
 from .errors import SnnadvError
 from .values import PRECISIONS, parse_list, parse_precision  # noqa: F401  (shared with the core)
 from .registry import ARCHITECTURES, ATTACKS, GRADIENTS, NEURONS, SURROGATES
+from .attacks.protocols import PROTOCOLS
 
 #: settings every stage accepts (the one CLI convention)
 COMMON = {
@@ -97,7 +98,7 @@ STAGES = {
         "steps": 20, "restarts": 2, "alpha": None, "apgd_steps": 20, "square_queries": 1000,
         "sweep_eps": "0,2/255,4/255,8/255,16/255,32/255,64/255", "sweep_steps": 20, "slope": 5.0,
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
-        "input_bits": None, "proxy_ckpt": None, "blackbox_ckpt": None, "test_subset": 1000,
+        "input_bits": None, "proxy_ckpt": None, "blackbox_ckpt": None, "test_subset": 1000, "protocol_attacks": None,
     },
     "bench": {  # snnadv.bench; batch size and T come from the preset unless given
         "preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
@@ -125,7 +126,7 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
                  # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
                  "attacks": ("fgsm", "pgd"),
                  # evaluate's protocols (snnadv.attacks.protocols)
-                 "protocol": None, "chunk": None, "cascade": True, "early_exit": None}
+                 "protocol": None, "chunk": None, "cascade": True, "early_exit": None, "protocol_attacks": None}
 
 
 def keyed(settings: dict) -> dict:
@@ -438,7 +439,8 @@ SCHEMA: dict = {
     "points": Setting("int", 1, MAX_STEPS, optional=True), "sim_steps": _STEPS, "threshold": _POS(1e6),
     "reset": Setting("choice", choices=("zero", "subtract")), "image": _I(0, MAX_IMAGES),
     "suite": Setting("choice", choices=("paper", "adaptive", "full")), "paths": Setting("names"),
-    "protocol": Setting("choice", choices=("paper", "strong", "quick"), optional=True),
+    "protocol": Setting("choice", choices=tuple(PROTOCOLS), optional=True),
+    "protocol_attacks": Setting("names", optional=True),
     "chunk": Setting("int", 1, MAX_IMAGES, optional=True), "cascade": _BOOL,
     "early_exit": Setting("bool", optional=True),
     "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,

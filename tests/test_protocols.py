@@ -141,7 +141,11 @@ def test_presets_resolve_and_overrides_apply():
     with pytest.raises(SnnadvError, match="unknown protocol"):
         resolve_protocol("nope")
     with pytest.raises(SnnadvError, match="cannot be overridden"):
-        resolve_protocol("quick", {"attacks": ("fgsm",)})
+        resolve_protocol("quick", {"sharpness": True})
+    assert resolve_protocol("quick", {"attacks": "fgsm,apgd-ce"}).attacks == ("fgsm", "apgd-ce")
+    for bad in ("fgsm,nope", "fgsm,fgsm", ""):
+        with pytest.raises(SnnadvError, match="distinct names of fgsm, pgd"):
+            resolve_protocol("quick", {"attacks": bad})
     snn = small_snn()
     specs = protocol_specs(snn, s, ["alg1", "rate"])
     assert [(sp.attack, sp.path, sp.eot) for sp in specs] == [
@@ -178,6 +182,35 @@ def test_early_exit_on_in_strong_and_quick_and_labelled_in_every_row():
 
     assert not protocol_from_config(resolve("evaluate", {}, {"protocol": "strong", "early_exit": False})).early_exit
     assert protocol_from_config(resolve("evaluate", {}, {"protocol": "quick"})).early_exit
+
+
+def test_strong_cpu_runs_the_paper_first_and_its_pgd_row_is_the_paper_protocol():
+    """``strong-cpu``: FGSM and PGD-7 exactly as ``paper`` (last iterate, no exit) before
+    APGD, so its running worst case after PGD-7 is the paper protocol's result image by
+    image, and its final worst case is never above it; early exit only inside APGD."""
+    pytest.importorskip("torchattacks")
+    s = PROTOCOLS["strong-cpu"]
+    assert s.attacks[:2] == ("fgsm", "pgd") and s.exit_attacks == ("apgd-ce", "apgd-dlr") and s.early_exit
+    snn = small_snn(T=3)
+    x, y = data(snn)
+    hx, hy = data(snn, n=4, seed=9)
+    over = {"apgd_steps": 2, "eot": 2, "eval_draws": 2, "square_queries": 3, "chunk": 5}
+    p = type(s)(**{**resolve_protocol("strong-cpu", over).__dict__, "sharpness_iters": 2, "sharpness_images": 4})
+    kw = dict(seed=3, batch_size=5)
+    r = evaluate_protocol(snn, x, y, p, heldout=(hx, hy), **kw)
+    paper = evaluate_protocol(snn, x, y, resolve_protocol("paper", {"eval_draws": 2, "chunk": 5}), **kw)
+    labels = [(row["label"], row["estimator"], row["early_exit"]) for row in r["rows"]]
+    assert labels[:2] == [("FGSM", "alg1", False), ("PGD-7", "alg1", False)]
+    assert [row["estimator"] for row in r["rows"][2:5]] == ["alg1", "bptt-fast-sigmoid", "rate"]
+    assert all(row["early_exit"] for row in r["rows"][2:8]) and r["rows"][-1]["attack"] == "square"
+    cum = r["correct"]["cumulative"]
+    assert len(cum) == len(r["rows"]) and torch.equal(cum[1][0], paper["correct"]["worst"][0])
+    assert torch.equal(cum[-1][0], r["correct"]["worst"][0]) and not (cum[-1][0] & ~cum[1][0]).any()
+    assert torch.equal(r["correct"]["clean"], paper["correct"]["clean"])
+    ann = ANN(get_spec("tiny", 10)).eval()  # an ANN target: autograd, whatever paths the preset names
+    xa, ya = data(ann, n=4)
+    ra = evaluate_protocol(ann, xa, ya, resolve_protocol("strong-cpu", over), batch_size=4)
+    assert {row["estimator"] for row in ra["rows"]} == {"autograd", "none"}
 
 
 def test_quick_protocol_labels_every_number():

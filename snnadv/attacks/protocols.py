@@ -4,7 +4,8 @@ A protocol fixes everything a robustness number depends on (eps list, attacks, t
 steps, EOT, encoder draws, gradient paths, the sharpness search); individual options
 given on the command line or in the config still override it (:func:`resolve_protocol`).
 Protocols run as a cascade (:mod:`snnadv.attacks.cascade`): per eps, the attacks in
-order, each only on the images still correct under the worst case so far.
+order, each only on the images still correct under the worst case so far.  An ANN target
+is attacked with autograd whatever paths a preset names (its only gradient).
 
 * ``paper``: FGSM and PGD-7 (alpha eps/4, the paper's gradient: alg1 for SNNs,
   autograd for ANNs), one EOT draw, eps 8/255 (the paper's Sec. 3.3).
@@ -13,6 +14,13 @@ order, each only on the images still correct under the worst case so far.
   :func:`snnadv.sharpness.search_sharpness` on a held-out batch), EOT 10 for SNNs
   (:class:`snnadv.estimator.EstimatorModule`), then Square with 5,000 queries on the
   real model (the gradient-free check), eps 2/255, 4/255, 8/255; per-sample worst case.
+* ``strong-cpu``: ``strong`` cut to what 2 CPU cores finish on a few hundred images of a
+  T = 32 VGG5: the paper's FGSM and PGD-7 run first as cheap filters (they stay in the
+  worst case, so ``strong-cpu`` is never weaker than ``paper`` on the same images and its
+  ``pgd`` row's cumulative column *is* the paper protocol's result), then APGD-CE and
+  APGD-DLR at 25 steps with EOT 4 through alg1, ``bptt-fast-sigmoid`` at the searched
+  sharpness and ``rate``, then Square with 300 queries; eps 8/255; early exit for APGD
+  only (PGD stays the paper's, last iterate).
 * ``quick``: the shape of ``strong`` at test size (APGD 5 steps on the paper path, EOT
   2, Square 50 queries, 2 draws, eps 8/255).
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import SnnadvError
+from ..values import parse_list
 
 
 @dataclass(frozen=True)
@@ -58,11 +67,13 @@ class Protocol:
     chunk: int = 100           # images per resumable piece
     batched_eot: bool = True   # EOT draws as one pass over [M*B] (snnadv.eot)
     early_exit: bool = False   # pgd: the best iterate, each image dropped once adversarial
+    exit_attacks: tuple = ("pgd", "apgd-ce", "apgd-dlr")  # the attacks ``early_exit`` applies to
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["eps"] = list(self.eps)
         d["attacks"] = list(self.attacks)
+        d["exit_attacks"] = list(self.exit_attacks)
         return d
 
 
@@ -78,11 +89,21 @@ PROTOCOLS: dict[str, Protocol] = {
                       eps=(8 / 255,), attacks=("fgsm", "apgd-ce", "square"), paths="paper", eot=2, eval_draws=2,
                       apgd_steps=5, square_queries=50, sharpness=False, sharpness_iters=2, sharpness_images=8,
                       chunk=8, early_exit=True),
+    "strong-cpu": Protocol("strong-cpu", "strong sized for 2 CPU cores: the paper's FGSM and PGD-7 first, then "
+                           "APGD-CE and APGD-DLR (25 steps, EOT 4) through alg1, bptt-fast-sigmoid at the searched "
+                           "sharpness and rate, Square 300 queries, eps 8/255; per-sample worst case",
+                           eps=(8 / 255,), attacks=("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square"),
+                           paths="alg1,bptt-fast-sigmoid,rate", eot=4, eval_draws=4, apgd_steps=25,
+                           square_queries=300, sharpness=True, sharpness_iters=6, sharpness_images=32, chunk=50,
+                           early_exit=True, exit_attacks=("apgd-ce", "apgd-dlr")),
 }
 
+#: the attacks a protocol may run, in the order the cascade should run them (cheap first)
+ATTACK_NAMES = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square")
+
 #: the settings a command-line option or config key may override (the option's name)
-OVERRIDABLE = ("eps", "paths", "eot", "eval_draws", "steps", "apgd_steps", "restarts", "square_queries", "chunk",
-               "early_exit")
+OVERRIDABLE = ("eps", "attacks", "paths", "eot", "eval_draws", "steps", "apgd_steps", "restarts", "square_queries",
+               "chunk", "early_exit")
 
 
 def resolve_protocol(name: str, overrides: dict | None = None) -> Protocol:
@@ -97,7 +118,13 @@ def resolve_protocol(name: str, overrides: dict | None = None) -> Protocol:
             continue
         if k not in OVERRIDABLE:
             raise SnnadvError(f"protocol setting '{k}' cannot be overridden (choose {', '.join(OVERRIDABLE)})")
-        changes[k] = tuple(v) if k == "eps" else v
+        if k == "attacks":
+            v = parse_list(v) if isinstance(v, str) else list(v)
+            bad = [a for a in v if a not in ATTACK_NAMES]
+            if bad or not v or len(set(v)) != len(v):
+                raise SnnadvError(f"protocol attacks must be distinct names of {', '.join(ATTACK_NAMES)}, got "
+                                  f"{','.join(map(str, v)) or 'none'}")
+        changes[k] = tuple(v) if k in ("eps", "attacks") else v
     if not changes:
         return p
     d = {**asdict(p), **changes}

@@ -48,11 +48,12 @@ def protocol_specs(model, p: Protocol, paths: list[str]) -> list[AttackSetting]:
     for a in p.attacks:
         if a in PAPER:
             steps = 1 if a == "fgsm" else p.steps
-            out.append(AttackSetting(a, pp, steps, 1, 1, "paper", "paper", early_exit=p.early_exit and a == "pgd"))
+            out.append(AttackSetting(a, pp, steps, 1, 1, "paper", "paper",
+                                     early_exit=p.early_exit and a == "pgd" and a in p.exit_attacks))
         elif a in ("apgd-ce", "apgd-dlr"):
             for q in paths:
                 out.append(AttackSetting(a, q, p.apgd_steps, p.restarts, M if stochastic_path(model, q) else 1,
-                                         group="library", early_exit=p.early_exit))
+                                         group="library", early_exit=p.early_exit and a in p.exit_attacks))
         elif a == "square":
             out.append(AttackSetting("square", "none", p.square_queries, 1, 1, group="library"))
         else:
@@ -124,7 +125,7 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
         sharp = {"path": SHARP_PATH, "option": "slope", "best": found.best, "objective": found.value,
                  "iters": p.sharpness_iters, "images": len(hx), "held_out": True,
                  "evaluations": [list(e) for e in found.evaluations], "seconds": clock() - t0}
-    paths = resolve_paths(model, p.paths, slope)
+    paths = resolve_paths(model, p.paths if snn else "all", slope)  # an ANN: autograd
     if sharp is not None and SHARP_PATH not in paths and p.paths == "all":
         paths.append(SHARP_PATH)
     if any(proxy_path(q) for q in paths) and proxy is None:
@@ -174,7 +175,9 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
         "batch_size": batch_size, "clean": accuracy_stats(run.clean.numpy()), "rows": rows, "worst_case": worst,
         "cost": cost, "eval_seconds": run.eval_seconds, "pieces": {"computed": run.pieces, "resumed": run.resumed},
         "seconds": clock() - t0,
-        "correct": {"clean": run.clean, "worst": run.worst},
+        # per image: clean, the worst case, and the running worst case after each row (rows' order)
+        "correct": {"clean": run.clean, "worst": run.worst,
+                    "cumulative": [run.cumulative[sp.key] for sp in specs]},
     }
 
 
