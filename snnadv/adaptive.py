@@ -410,7 +410,10 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     except ImportError:
         pass
     result.update(target=info, proxy=proxy_info, config=cfg, warnings=warnings, suite=None,
-                  versions={**versions(), "torchattacks": lib})
+                  versions={**versions(), "torchattacks": lib},
+                  # the evaluated images: results on the same ones pair (snnadv compare)
+                  data={"dataset": info["dataset"], "images": tensor_hash(images), "labels": tensor_hash(labels),
+                        "test_subset": cfg["test_subset"]})
     print_protocol(result, reporter)
     if parallel.world().main:
         write_json(json_path, result)
