@@ -59,3 +59,34 @@ def evaluate(**kw):
     from snnadv.config import resolve
 
     run_evaluate(resolve("evaluate", kw.get("config"), flags(kw)))
+
+
+def _named(ctx, param, values):
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"'{v}' is not NAME=RESULT.json", ctx, param)
+        out.append((name, path))
+    return out
+
+
+@click.command("compare")
+@click.argument("results", nargs=-1, required=True, callback=_named, metavar="NAME=RESULT.json...")
+@click.option("--reference", help="The model the others are compared with (default: the first).")
+@click.option("--out", type=click.Path(), help="Write JSON and Markdown (a .json file or a folder).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--quiet", is_flag=True, default=None, help="Print nothing.")
+def compare(results, reference, out, overwrite, quiet):
+    """Protocol results of several models on the same images side by side, with paired tests.
+
+    Each RESULT is a JSON of `snnadv evaluate --protocol` (e.g. ANN=ann.json SNN-BP=bp.json).
+    Per model: clean, after the paper's attacks (when the protocol runs them first, as
+    strong-cpu does) and under the protocol's worst case, with 95 % intervals; the cut the
+    stronger protocol makes; each model minus the reference, paired; and whether an
+    advantage under the paper's attacks survives the stronger protocol.
+    """
+    from snnadv.adaptive import run_compare
+    from snnadv.report import Reporter
+
+    run_compare(results, reference, out, Reporter(quiet=bool(quiet)), overwrite=overwrite)

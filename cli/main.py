@@ -28,14 +28,14 @@ from snnadv.errors import Interrupted, SnnadvError, SnnadvWarning
 
 from .analyze_cmd import analyze, report
 from .doctor_cmd import doctor
-from .evaluate_cmd import evaluate
+from .evaluate_cmd import compare, evaluate
 from .options import ARCH, NEURON, SURROGATE, common_options, flags
 from .reproduce_cmd import reproduce
 from .robustness_cmds import attack, table
 
 
 #: subcommands in pipeline order (``snnadv --help`` lists them so)
-ORDER = ["train-ann", "convert", "finetune", "attack", "table", "evaluate", "analyze", "report",
+ORDER = ["train-ann", "convert", "finetune", "attack", "table", "evaluate", "compare", "analyze", "report",
          "reproduce", "bench"]
 
 
@@ -127,7 +127,7 @@ def finetune(**kw):
     run(resolve("finetune", kw.get("config"), flags(kw)))
 
 
-for command in (attack, table, reproduce, analyze, report, evaluate, doctor):  # defined in their own modules
+for command in (attack, table, reproduce, analyze, report, evaluate, compare, doctor):  # defined in their own modules
     cli.add_command(command)
 
 

@@ -491,3 +491,97 @@ def protocol_markdown(result: dict) -> str:
     lines += ["", "**Cost**", "", "| " + " | ".join(COST_HEADER) + " |", "|" + "---|" * len(COST_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in cost_rows(result)]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- compare
+def _read_result(name: str, path: str) -> dict:
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise SnnadvError(f"{name}: no result file {p}")
+    try:
+        r = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise SnnadvError(f"{name}: {p} is not a readable JSON result ({type(e).__name__})") from None
+    if not isinstance(r, dict) or "protocol" not in r or "eps" not in r:
+        raise SnnadvError(f"{name}: {p} is not a protocol result (write it with snnadv evaluate --protocol)")
+    return r
+
+
+@guarded
+def run_compare(named: list[tuple[str, str]], reference: str | None = None, out: str | None = None,
+                reporter: Reporter | None = None, overwrite: bool = False, outputs: Outputs | None = None) -> dict:
+    """``snnadv compare NAME=RESULT.json ...``: protocol results of several models on the
+    same images side by side (:func:`snnadv.comparison.compare_results`); prints the
+    table and the verdicts, writes JSON and Markdown (``--out``)."""
+    from .comparison import compare_results
+
+    reporter = reporter or Reporter()
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise SnnadvError(f"model names must be distinct, got {', '.join(names)}")
+    results = {n: _read_result(n, p) for n, p in named}
+    cmp = compare_results(results, reference)
+    cmp["files"] = {n: str(p) for n, p in named}
+    header, rows = compare_rows(cmp)
+    reporter.table(compare_title(cmp), header, rows,
+                   caption="accuracy % (mean±spread over draws) [95 % Wilson]; Δ vs the reference and the stronger "
+                           "protocol's cut: paired (exact McNemar on the per-image majority, bootstrap interval), "
+                           "* = significant at 5 %")
+    for v in cmp["verdicts"]:
+        reporter.print(v)
+    if out:
+        json_path = Path(out) if Path(out).suffix == ".json" else Path(out) / "compare.json"
+        md_path = json_path.with_suffix(".md")
+        outputs.claim([json_path, md_path], {"overwrite": overwrite},
+                      inputs={f"result {n}": p for n, p in named})
+        if parallel.world().main:
+            write_json(json_path, cmp)
+            atomic_write_text(md_path, compare_markdown(cmp))
+        reporter.print(f"[green]saved[/] {json_path} and {md_path}")
+    return cmp
+
+
+def _delta(t: dict) -> str:
+    lo, hi = t["ci95"]
+    return f"{t['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]{'*' if t['significant'] else ''} p={t['p']:.2g}"
+
+
+def compare_title(cmp: dict) -> str:
+    return (f"Whitebox robustness side by side on the same {cmp['images']} images "
+            f"(reference {cmp['reference']}): accuracy %")
+
+
+def compare_rows(cmp: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per model and stage (clean, paper, the stronger protocol): accuracy with
+    interval, the cut from paper to the stronger protocol, the difference to the reference."""
+    header = ["model", "stage"]
+    for lab in cmp["eps_labels"]:
+        header += [f"acc eps={lab}", f"vs {cmp['reference']}", "stronger - paper"]
+    rows = []
+    for n in cmp["models"]:
+        for s in cmp["stages"]:
+            if s not in cmp["accuracy"][n]:
+                continue
+            row = [n, s]
+            for j in range(len(cmp["eps"])):
+                row.append(_ci(cmp["accuracy"][n][s][j]))
+                vs = cmp["versus"].get(n, {}).get(s)
+                row.append(_delta(vs[j]) if vs else "-")
+                st = cmp["stronger"].get(n)
+                row.append(_delta(st["test"][j]) if st and s == st["to"] else "-")
+            rows.append(row)
+    return header, rows
+
+
+def compare_markdown(cmp: dict) -> str:
+    header, rows = compare_rows(cmp)
+    lines = [f"### {compare_title(cmp)}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Accuracy: mean±spread over encoder draws [95 % Wilson interval over images]. Differences: "
+              "paired over the same images (exact McNemar on the per-image majority vote; 95 % paired bootstrap "
+              "interval); * = significant at 5 %.", ""]
+    lines += [f"- {v}" for v in cmp["verdicts"]]
+    lines += ["", "Results: " + ", ".join(f"{n} `{p}`" for n, p in cmp["files"].items()), ""]
+    return "\n".join(lines)
