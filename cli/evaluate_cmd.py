@@ -46,7 +46,12 @@ from .options import RegistryChoice, common_options, flags
 @click.option("--timesteps", type=int, help="T for an SNN target (default: the checkpoint's).")
 @click.option("--input-bits", type=int, help="Quantise the inputs to this many bits.")
 @click.option("--proxy-ckpt", type=click.Path(), help="ANN for the 'ann' path (default: found through the parents).")
-@click.option("--blackbox-ckpt", type=click.Path(), help="Also run a transfer attack crafted on this model.")
+@click.option("--blackbox-ckpt", type=click.Path(),
+              help="--suite: also run a transfer attack crafted on this model (refused with --protocol: "
+                   "use --source-ckpt).")
+@click.option("--source-ckpt", type=click.Path(),
+              help="--protocol: craft the protocol's attacks on this model (ANN, SNN-conv or SNN-BP; its own T) "
+                   "and score them on the target: a transfer (blackbox) run; Square is left out.")
 @click.option("--library/--no-library", default=None, help="Run APGD and Square from torchattacks (default on).")
 def evaluate(**kw):
     """Honest robustness: adaptive attacks, expected accuracy over encoder draws, gradient-masking checks.

@@ -9,7 +9,9 @@ weights are loaded into an ANN, with a warning), runs the suite
 described there, the gradient-masking checks in :mod:`snnadv.masking`), prints the
 table and the checks through the shared :class:`~snnadv.report.Reporter`, and writes
 JSON, a Markdown section (for ``snnadv report``) and an accuracy-vs-eps plot, each
-atomically.
+atomically.  ``--protocol NAME`` runs a named protocol instead (:func:`run_protocol`),
+whitebox or, with ``--source-ckpt``, crafted on another model and scored on the target
+(transfer).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
         raise SnnadvError("evaluate needs --target-ckpt")
     if cfg.get("protocol"):
         return run_protocol(cfg, reporter, outputs=outputs)
+    if cfg.get("source_ckpt"):
+        raise SnnadvError("--source-ckpt crafts a --protocol's attacks on another model: give --protocol "
+                          "(the --suite evaluation adds a transfer attack with --blackbox-ckpt)")
     s = EvalSettings.from_config({**cfg, "batch_size": cfg.get("batch_size") or 64})
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -137,16 +142,17 @@ def run_evaluate(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     return result
 
 
-def output_paths(out, info: dict) -> tuple[Path, Path, Path]:
+def output_paths(out, info: dict, source: dict | None = None) -> tuple[Path, Path, Path]:
     """``--out`` ending in .json: that file, the Markdown and -eps.png beside it; else a
-    folder (default runs/evaluate) with evaluate-<stage>.json/.md/-eps.png.  The
-    Markdown name always contains "evaluate": ``snnadv report`` includes such files."""
+    folder (default runs/evaluate) with evaluate-<stage>.json/.md/-eps.png
+    (evaluate-<stage>-from-<source stage>.* for a transfer run crafted on ``source``).
+    The Markdown name always contains "evaluate": ``snnadv report`` includes such files."""
     if out and Path(out).suffix == ".json":
         p = Path(out)
         md = p.with_suffix(".md") if "evaluate" in p.stem else p.with_name(p.stem + "-evaluate.md")
         return p, md, p.with_name(p.stem + "-eps.png")
     folder = Path(out or "runs/evaluate")
-    stem = f"evaluate-{info['stage']}"
+    stem = f"evaluate-{info['stage']}" + (f"-from-{source['stage']}" if source else "")
     return folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}-eps.png"
 
 
@@ -336,14 +342,41 @@ class PieceStore:
             raise RuntimeError(f"interrupted after {self.saved} pieces (test)")
 
 
+def load_source(cfg: dict, target_info: dict, target_ckpt: dict, device):
+    """The model a protocol's attacks are crafted on in a transfer run (``--source-ckpt``),
+    or None (whitebox).  Its own T (``--timesteps`` is the target's); a missing, garbled
+    or incompatible checkpoint (another dataset or input size than the target's) is one
+    :class:`SnnadvError` line.  ``--blackbox-ckpt`` (the ``--suite`` evaluation's extra
+    transfer row) is refused beside ``--protocol``: the two mean different things (one
+    row added vs the whole protocol crafted on the other model).  Returns (model, info, ckpt)."""
+    if cfg.get("blackbox_ckpt"):
+        raise SnnadvError("--blackbox-ckpt adds a transfer row to the --suite evaluation; with --protocol give "
+                          "--source-ckpt (the whole protocol is then crafted on that model)")
+    if not cfg.get("source_ckpt"):
+        return None, None, None
+    try:
+        source, info, ckpt = load_attack_model(cfg["source_ckpt"], None, device, None, cfg.get("input_bits"),
+                                               cfg.get("precision"))
+    except SnnadvError as e:
+        raise SnnadvError(f"--source-ckpt: {e}") from None
+    check_compatible(info, target_info, ckpt, target_ckpt)
+    return source, {**info, "kind": info["stage"]}, ckpt
+
+
 @guarded
 def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | None = None,
                  fail_after: int | None = None) -> dict:
     """``snnadv evaluate --protocol NAME``: the protocol as a resumable cascade
     (:func:`snnadv.attacks.run_protocol.evaluate_protocol`); prints the table and the cost
     table and writes JSON and Markdown.  Pieces are kept in ``<json stem>-pieces/`` beside
-    the JSON: a run stopped part-way resumes there with the same result."""
-    from .attacks.run_protocol import evaluate_protocol
+    the JSON: a run stopped part-way resumes there with the same result.
+
+    With ``--source-ckpt`` (:func:`load_source`) a transfer run: the attacks are crafted on
+    the source (its estimators, sharpness search and ``ann`` proxy: ``--proxy-ckpt`` is
+    then the source's ANN) and scored on the target; Square is left out (a warning); the
+    pieces' keys hold the source's sha256, so a whitebox and a transfer run never share
+    pieces."""
+    from .attacks.run_protocol import QUERY_ATTACKS, evaluate_protocol
     from .evaluation import encode_correct
     from .outputs import tensor_hash
 
@@ -353,28 +386,37 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     torch.manual_seed(cfg["seed"])
     model, info, ckpt = load_attack_model(cfg["target_ckpt"], None, device, cfg.get("timesteps"),
                                           cfg.get("input_bits"), cfg.get("precision"))
-    json_path, md_path, _ = output_paths(cfg.get("out"), info)
+    source, src_info, src_ckpt = load_source(cfg, info, ckpt, device)
+    transfer = source is not None
+    # the model the attacks are crafted on (whitebox: the target) and its checkpoint
+    crafter, craft_path, craft_ckpt, craft_info = ((source, cfg.get("source_ckpt"), src_ckpt, src_info) if transfer
+                                                   else (model, cfg["target_ckpt"], ckpt, info))
+    json_path, md_path, _ = output_paths(cfg.get("out"), info, src_info)
     outputs.claim([json_path, md_path], cfg, inputs={
-        f"--{k.replace('_', '-')}": cfg.get(k) for k in ("target_ckpt", "proxy_ckpt")})
+        f"--{k.replace('_', '-')}": cfg.get(k) for k in ("target_ckpt", "proxy_ckpt", "source_ckpt")})
     warnings: list[str] = []
 
     def warn(msg):
         warnings.append(msg)
         reporter.print(f"[yellow]warning:[/] {msg}")
 
-    snn = is_snn(model)
-    needs_lib = "square" in p.attacks or any(a.endswith("-torchattacks") for a in p.attacks)
+    snn = is_snn(crafter)
+    attacks = [a for a in p.attacks if not (transfer and a in QUERY_ATTACKS)]
+    if transfer and len(attacks) < len(p.attacks):
+        warn(f"transfer run: {', '.join(a for a in p.attacks if a in QUERY_ATTACKS)} left out (a query attack "
+             f"crafted on the source says nothing about the target)")
+    needs_lib = "square" in attacks or any(a.endswith("-torchattacks") for a in attacks)
     if needs_lib:
         try:
             import torchattacks  # noqa: F401
         except ImportError:
             raise SnnadvError(f"protocol {p.name} needs torchattacks: pip install 'snnadv[attacks]'") from None
     proxy = proxy_info = None
-    if snn and any(proxy_path(q) for q in resolve_paths(model, p.paths, cfg.get("slope"))) and \
-            any(a.startswith("apgd") for a in p.attacks):
-        proxy, proxy_info = find_proxy(cfg["target_ckpt"], ckpt, device, cfg.get("proxy_ckpt"),
+    if snn and any(proxy_path(q) for q in resolve_paths(crafter, p.paths, cfg.get("slope"))) and \
+            any(a.startswith("apgd") for a in attacks):
+        proxy, proxy_info = find_proxy(craft_path, craft_ckpt, device, cfg.get("proxy_ckpt"),
                                        cfg.get("input_bits"), warn)
-        check_compatible(info, proxy_info, ckpt, load_checkpoint(proxy_info["path"]))
+        check_compatible(craft_info, proxy_info, craft_ckpt, load_checkpoint(proxy_info["path"]))
     test = load_split(info["dataset"], cfg["data_dir"], train=False, device=device, subset=cfg["test_subset"],
                       download=cfg["download"])
     images, labels = to_float(test.images), test.labels
@@ -390,14 +432,17 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
               "protocol": p.to_dict(), "slope": cfg.get("slope"), "cascade": cascade,
               "heldout": tensor_hash(heldout[0]) if heldout else None,
               "proxy": (proxy_info or {}).get("sha256"), "device": str(device)}
+    if transfer:  # (only then: a whitebox run keeps the pieces' keys of before)
+        common.update(mode="transfer", source=src_info["sha256"], source_num_steps=src_info.get("num_steps"))
     store = PieceStore(json_path.parent / f"{json_path.stem}-pieces", common, fail_after)
-    with reporter.progress(f"evaluating ({p.name} protocol, cascade)", None) as advance:
+    what = f"{p.name} protocol, {'transfer from ' + src_info['stage'] if transfer else 'whitebox'}, cascade"
+    with reporter.progress(f"evaluating ({what})", None) as advance:
         def step(info_):
             advance(1, info=f"{info_['attack'][0]} {info_['attack'][1]} eps={info_['eps']:.4g} "
                             f"images {info_['chunk'][0]}-{info_['chunk'][1]}")
         result = evaluate_protocol(model, images, labels, p, proxy=proxy, heldout=heldout,
                                    slope=cfg.get("slope") or 5.0, seed=cfg["seed"], batch_size=bs, cascade=cascade,
-                                   store=store, advance=step)
+                                   store=store, advance=step, source=source, source_info=src_info)
     correct = result.pop("correct")
     result["correct"] = {"clean": encode_correct(correct["clean"]),
                          "worst": [encode_correct(w) for w in correct["worst"]],
@@ -432,8 +477,9 @@ def protocol_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The protocol's table: one row per attack and estimator with its provenance; each
     cell the robust accuracy after that attack (the cascade's running worst case): mean
     over draws ± std [95 % Wilson interval], and the images attacked.  ``iterate``: the
-    package's attacks' result (``last``; ``best, early exit``: :mod:`snnadv.attacks.pgd`),
-    ``-`` for torchattacks' attacks."""
+    package's attacks' result (``last``; ``best, early exit``: :mod:`snnadv.attacks.pgd`;
+    ``(source)`` in a transfer run: the exit tested on the source), ``-`` for torchattacks'
+    attacks."""
     header = ["protocol", "attack", "estimator", "steps", "restarts", "eot", "iterate", "draws"] + \
         [f"acc % eps={l} (attacked)" for l in result["eps_labels"]]
     P, K = result["protocol"], str(result["eval_draws"])
@@ -441,6 +487,8 @@ def protocol_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for r in result["rows"]:
         est = r["estimator"] + (f" (k={r['slope']:.3g})" if r.get("slope") else "")
         it = "-" if r.get("iterate") is None else r["iterate"] + (", early exit" if r.get("early_exit") else "")
+        if r.get("early_exit") and r.get("mode") == "transfer":
+            it += " (source)"  # the exit's test asks the source, never the target
         rows.append([P, r["label"], est, str(r["steps"]), str(r["restarts"]), str(r["eot"]), it, K]
                     + [f"{_ci(c['cumulative'])} ({c['attacked']})" for c in r["cells"]])
     rows.append([P, "WORST CASE", "per sample", "", "", "", "", K] + [_ci(w) for w in result["worst_case"]])
@@ -459,15 +507,28 @@ def cost_rows(result: dict) -> list[list[str]]:
              f(c["per_100_attacked"]), f(c["per_100_images"])] for c in result["cost"]]
 
 
+def _source_name(result: dict) -> str:
+    """The source of a transfer run, e.g. "ann tiny (ann-s2.pt)"."""
+    s = result.get("source") or {}
+    return f"{s.get('stage', 'model')} {s.get('arch', '')} ({Path(str(s.get('path'))).name})".replace("  ", " ")
+
+
 def _protocol_title(result: dict) -> str:
-    return (f"Robustness of {_who(result)}, protocol {result['protocol']} ({result['mode']}): accuracy %, "
+    mode = result.get("mode")
+    if mode in ("cascade", "all"):  # a result written before transfer runs: "mode" was the cascade's
+        how = mode
+    else:
+        how = "cascade" if result.get("cascade", True) else "all"
+        how += f", transfer: crafted on {_source_name(result)}" if mode == "transfer" else ", whitebox"
+    return (f"Robustness of {_who(result)}, protocol {result['protocol']} ({how}): accuracy %, "
             f"{result['images']} images, mean±std over {result['eval_draws']} encoder draw(s) [95% Wilson]")
 
 
 def print_protocol(result: dict, reporter: Reporter) -> None:
     header, rows = protocol_rows(result)
     sh = result.get("sharpness")
-    caption = (f"sharpness search: {sh['path']} slope k = {sh['best']:.3g} on {sh['images']} held-out images"
+    of = " (of the source)" if result.get("mode") == "transfer" else ""
+    caption = (f"sharpness search{of}: {sh['path']} slope k = {sh['best']:.3g} on {sh['images']} held-out images"
                if sh else "")
     reporter.table(_protocol_title(result), header, rows, caption=caption)
     reporter.table(f"Cost ({result['seconds']:.0f} s in all, evaluation draws {result['eval_seconds']:.0f} s)",
@@ -482,6 +543,12 @@ def protocol_markdown(result: dict) -> str:
     lines += [f"Protocol `{result['protocol']}`: {ps['description']}. Target `{t.get('path')}` "
               f"(sha256 `{str(t.get('sha256'))[:16]}`, T = {t.get('num_steps')}); estimators: "
               f"{', '.join(result['paths'])}; EOT {result['eot']}; seed {result['seed']}.", ""]
+    if result.get("mode") == "transfer":
+        src = result["source"]
+        lines += [f"Transfer: every attack crafted on `{src['path']}` ({src['kind']} {src['arch']}, sha256 "
+                  f"`{str(src['sha256'])[:16]}`, T = {src.get('num_steps')}) and scored on the target"
+                  + (f"; left out: {'; '.join(result['skipped_attacks'])}" if result.get("skipped_attacks") else "")
+                  + ".", ""]
     if result.get("sharpness"):
         sh = result["sharpness"]
         lines += [f"Sharpness search: {sh['path']} slope k = {sh['best']:.3g} ({sh['iters']} golden-section "

@@ -99,6 +99,7 @@ STAGES = {
         "sweep_eps": "0,2/255,4/255,8/255,16/255,32/255,64/255", "sweep_steps": 20, "slope": 5.0,
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
         "input_bits": None, "proxy_ckpt": None, "blackbox_ckpt": None, "test_subset": 1000, "protocol_attacks": None,
+        "source_ckpt": None,  # a protocol crafted on this model, scored on the target (transfer)
     },
     "bench": {  # snnadv.bench; batch size and T come from the preset unless given
         "preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
@@ -128,10 +129,16 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
                  # evaluate's protocols (snnadv.attacks.protocols)
                  "protocol": None, "chunk": None, "cascade": True, "early_exit": None, "protocol_attacks": None}
 
+#: late defaults of one stage only (``settings["stage"]``): keys that other stages have
+#: always had in their keys (``attack``'s and ``analyze``'s ``source_ckpt``)
+LATE_STAGE_DEFAULTS = {"evaluate": {"source_ckpt": None}}
+
 
 def keyed(settings: dict) -> dict:
-    """``settings`` without the :data:`LATE_DEFAULTS` that hold their default value."""
-    return {k: v for k, v in settings.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
+    """``settings`` without the :data:`LATE_DEFAULTS` (and the stage's
+    :data:`LATE_STAGE_DEFAULTS`) that hold their default value."""
+    late = {**LATE_DEFAULTS, **LATE_STAGE_DEFAULTS.get(settings.get("stage"), {})}
+    return {k: v for k, v in settings.items() if not (k in late and v == late[k])}
 
 
 #: settings that never change a result (where it goes, how much is shown, whether an old

@@ -57,8 +57,11 @@ def check_compatible(a: dict, b: dict, ckpt_a: dict, ckpt_b: dict) -> None:
         raise SnnadvError(f"source '{a['path']}' is a {a['dataset']} model but target '{b['path']}' "
                           f"is a {b['dataset']} model")
     sa, sb = ckpt_a["spec"], ckpt_b["spec"]
-    if (sa.get("in_channels"), sa.get("image_size")) != (sb.get("in_channels"), sb.get("image_size")):
-        raise SnnadvError("source and target take inputs of different sizes")
+    shape = [(s.get("in_channels", 3), s.get("image_size", 32)) for s in (sa, sb)]
+    if shape[0] != shape[1]:
+        (ca, wa), (cb, wb) = shape
+        raise SnnadvError(f"source and target take inputs of different sizes: '{a['path']}' {ca}x{wa}x{wa}, "
+                          f"'{b['path']}' {cb}x{wb}x{wb}")
 
 
 def _attack_settings(cfg: dict, attacks: list[str]) -> dict:

@@ -219,7 +219,7 @@ def test_quick_protocol_labels_every_number():
     x, y = data(snn)
     p = resolve_protocol("quick", {"eps": EPS, "chunk": 5})
     r = evaluate_protocol(snn, x, y, p, seed=2, batch_size=6)
-    assert r["protocol"] == "quick" and r["mode"] == "cascade" and r["eval_draws"] == 2
+    assert r["protocol"] == "quick" and r["mode"] == "whitebox" and r["cascade"] and r["eval_draws"] == 2
     assert [row["label"] for row in r["rows"]] == ["FGSM", "APGD-CE-5", "Square-50"]
     for row in r["rows"]:
         for k in ("protocol", "attack", "estimator", "steps", "restarts", "eot", "draws", "images"):

@@ -34,6 +34,10 @@ adversarial (:mod:`snnadv.attacks.pgd`); on a stochastic SNN that makes PGD weak
 only faster (fresh draws often classify that iterate correctly), so no preset runs it.
 Square stops querying an image once it is fooled (torchattacks).  Every row of a result
 says whether its attack exited early and on what test.
+
+Every protocol also runs as a transfer (blackbox) attack, crafted on a source model and
+scored on the target (``--source-ckpt``; :mod:`snnadv.attacks.run_protocol`): the same
+attacks on the source, without Square (a query attack).
 """
 
 from __future__ import annotations

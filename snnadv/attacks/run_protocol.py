@@ -15,7 +15,29 @@ the protocol.  With the sharpness search, ``bptt-fast-sigmoid`` uses the slope f
 :func:`snnadv.sharpness.search_sharpness` on a held-out batch (never the evaluated
 images), once per model.  Square queries the real model.  An ANN target: plain autograd,
 no EOT, one draw.  EOT draws run batched into the batch dimension (``batched_eot``,
-:mod:`snnadv.eot`).  Computations only (no printing, no files).
+:mod:`snnadv.eot`).
+
+Transfer (blackbox) mode, ``source=``: the protocol's attacks are crafted on another
+model (the *source*: an ANN, SNN-conv or SNN-BP, e.g. the same architecture trained
+from another seed, the paper's Table 1 blackbox cells) and scored on the *target*.
+Everything that makes an attack is the source's: its estimators and EOT, the sharpness
+search, the ``ann`` proxy (its ANN), and the early exit's test (APGD: the iterate wrong on
+every evaluation draw *of the source*, or the source's step logits; PGD: the source's
+step logits), so the attack never queries the target and, with the source the target
+itself, the run equals the whitebox one.  What scores is the target's: the clean
+correctness, the keyed evaluation draws of :func:`snnadv.attacks.cascade.keyed_correct`
+(so clean and per-image results pair with a whitebox run on the same images), and the
+cascade (an image is attacked while it is still correct on the target under the worst
+case so far).  Square, a query attack, is left out (querying the source says nothing
+about the target): ``skipped_attacks`` says so.  APGD, as AutoAttack's, leaves an image
+its model already misclassifies as it is: in a transfer run, an image the source gets
+wrong (on its first pass) and the target right stays clean under APGD (FGSM and PGD
+perturb every image).  Every row and the result say ``mode``
+(``whitebox`` or ``transfer``) and the ``source`` (the caller's description of it);
+the result's ``cascade`` says whether the images were cascaded (False: every attack on
+every image).
+
+Computations only (no printing, no files).
 """
 
 from __future__ import annotations
@@ -98,26 +120,26 @@ def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None,
     return build
 
 
-def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, *, proxy=None,
-                      heldout: tuple | None = None, slope: float = 5.0, seed: int = 0, batch_size: int = 64,
-                      cascade: bool = True, store=None, advance=None, clock=time.perf_counter) -> dict:
-    """Run ``protocol`` on ``model`` (result dict: rows with provenance, worst case, costs).
+#: query attacks: they ask the model they attack, so crafted on a source they say nothing
+#: about the target (left out of transfer runs)
+QUERY_ATTACKS = ("square",)
 
-    ``heldout``: (images, labels) for the sharpness search (required when the protocol
-    searches and the target is an SNN); ``store``/``advance``/``clock``: see
-    :func:`snnadv.attacks.cascade.run_cascade`."""
-    p = protocol
+
+def protocol_attacks(model, p: Protocol, *, proxy=None, heldout: tuple | None = None, slope: float = 5.0,
+                     seed: int = 0, batch_size: int = 64, transfer: bool = False, clock=time.perf_counter) -> dict:
+    """The attacks of protocol ``p`` crafted on ``model`` (the target whitebox, the source
+    in a transfer run): the sharpness search (on ``heldout``), the estimators, the specs in
+    cascade order and their builders.  ``transfer``: query attacks left out.  Returns
+    ``{"specs", "attacks" ((key, build) pairs for run_cascade), "paths", "skipped_paths",
+    "skipped_attacks", "sharpness", "slope"}``."""
     snn = is_snn(model)
-    K = p.eval_draws if snn else 1
-    M = p.eot if snn else 1
-    model.eval()
-    t0 = clock()
     sharp = None
     if snn and p.sharpness and SHARP_PATH in GRADIENTS:
         if heldout is None:
             raise SnnadvError(f"protocol {p.name}: the sharpness search needs a held-out batch")
         from ..sharpness import search_sharpness
 
+        t0 = clock()
         hx, hy = heldout
         hx, hy = hx[:p.sharpness_images], hy[:p.sharpness_images]
         found = search_sharpness(model, hx, hy, SHARP_PATH, iters=p.sharpness_iters, eps=max(p.eps), seed=seed)
@@ -134,13 +156,48 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
     else:
         skipped = []
     specs = protocol_specs(model, p, paths)
+    skipped_attacks = []
+    if transfer:
+        skipped_attacks = [f"{sp.label} (a query attack: crafted on the source it says nothing about the target)"
+                           for sp in specs if sp.attack in QUERY_ATTACKS]
+        specs = [sp for sp in specs if sp.attack not in QUERY_ATTACKS]
+    K = p.eval_draws if snn else 1  # the crafting model's draws: APGD's early exit asks them
     attacks = [(sp.key, attack_builder(model, sp, slope=slope, proxy=proxy, seed=seed, batched=p.batched_eot,
                                        draws=K, batch_size=batch_size))
                for sp in specs]
+    return {"specs": specs, "attacks": attacks, "paths": paths, "skipped_paths": skipped,
+            "skipped_attacks": skipped_attacks, "sharpness": sharp, "slope": slope}
+
+
+def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, *, proxy=None,
+                      heldout: tuple | None = None, slope: float = 5.0, seed: int = 0, batch_size: int = 64,
+                      cascade: bool = True, store=None, advance=None, clock=time.perf_counter,
+                      source=None, source_info: dict | None = None) -> dict:
+    """Run ``protocol`` on ``model`` (result dict: rows with provenance, worst case, costs).
+
+    ``source``: craft the attacks on this model and score them on ``model`` (transfer
+    mode, the module docstring); ``source_info``: its description, copied into the result
+    and every row.  ``proxy``: the ANN of the ``ann`` path of the model the attacks are
+    crafted on; ``heldout``: (images, labels) for its sharpness search (required when the
+    protocol searches and that model is an SNN); ``store``/``advance``/``clock``: see
+    :func:`snnadv.attacks.cascade.run_cascade`."""
+    p = protocol
+    transfer = source is not None
+    crafter = source if transfer else model
+    snn, snn_src = is_snn(model), is_snn(crafter)
+    K = p.eval_draws if snn else 1  # the target's evaluation draws
+    M = p.eot if snn_src else 1
+    model.eval()
+    crafter.eval()
+    t0 = clock()
+    made = protocol_attacks(crafter, p, proxy=proxy, heldout=heldout, slope=slope, seed=seed,
+                            batch_size=batch_size, transfer=transfer, clock=clock)
+    specs, slope, sharp = made["specs"], made["slope"], made["sharpness"]
     eps = [float(e) for e in p.eps]
-    run = run_cascade(model, images, labels, attacks, eps, draws=K, seed=seed, batch_size=batch_size,
+    run = run_cascade(model, images, labels, made["attacks"], eps, draws=K, seed=seed, batch_size=batch_size,
                       chunk=p.chunk, cascade=cascade, store=store, advance=advance, clock=clock)
     N = len(images)
+    mode = "transfer" if transfer else "whitebox"
     rows = []
     for sp in specs:
         k = sp.key
@@ -158,9 +215,13 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
         apgd = sp.attack.startswith("apgd")
         ours = sp.group == "paper" or apgd  # the package's FGSM / PGD / APGD
         exit_test = None
-        if sp.early_exit:  # what makes an image leave an attack early
-            exit_test = "wrong on every evaluation draw" if apgd and snn else "the step's logits"
-        rows.append({"protocol": p.name, "label": sp.label, "attack": sp.attack, "group": sp.group,
+        if sp.early_exit:  # what makes an image leave an attack early (in a transfer run: the source's test)
+            exit_test = "wrong on every evaluation draw" if apgd and snn_src else "the step's logits"
+            if transfer:
+                exit_test = ("wrong on every evaluation draw of the source" if apgd and snn_src
+                             else "the source's step logits")
+        rows.append({"protocol": p.name, "mode": mode, "source": source_info if transfer else None,
+                     "label": sp.label, "attack": sp.attack, "group": sp.group,
                      "estimator": sp.path, "path": sp.path, "steps": sp.steps, "restarts": sp.restarts,
                      "eot": sp.eot, "draws": K, "images": N, "key": list(map(str, sp.key)),
                      "iterate": ("best" if sp.early_exit or apgd else "last") if ours else None,
@@ -169,8 +230,10 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
     worst = [{"eps": e, "eps_label": eps_label(e), **accuracy_stats(w.numpy())} for e, w in zip(eps, run.worst)]
     cost = cost_table(rows, N)
     return {
-        "protocol": p.name, "protocol_settings": p.to_dict(), "mode": "cascade" if cascade else "all",
-        "stochastic": snn, "paths": paths, "skipped_paths": skipped, "sharpness": sharp, "images": N,
+        "protocol": p.name, "protocol_settings": p.to_dict(), "mode": mode, "cascade": bool(cascade),
+        "source": source_info if transfer else None,
+        "stochastic": snn, "paths": made["paths"], "skipped_paths": made["skipped_paths"],
+        "skipped_attacks": made["skipped_attacks"], "sharpness": sharp, "images": N,
         "eval_draws": K, "eot": M, "eps": eps, "eps_labels": [eps_label(e) for e in eps], "seed": seed,
         "batch_size": batch_size, "clean": accuracy_stats(run.clean.numpy()), "rows": rows, "worst_case": worst,
         "cost": cost, "eval_seconds": run.eval_seconds, "pieces": {"computed": run.pieces, "resumed": run.resumed},
