@@ -616,8 +616,11 @@ def _delta(t: dict) -> str:
 
 
 def compare_title(cmp: dict) -> str:
-    return (f"Whitebox robustness side by side on the same {cmp['images']} images "
-            f"(reference {cmp['reference']}): accuracy %")
+    modes = {m["mode"] for m in cmp["sources"].values()}
+    kind = "Whitebox robustness" if modes == {"whitebox"} else "Robustness (" + ", ".join(
+        f"{n}: {'crafted on ' + str(m['crafted_on']) if m['mode'] == 'transfer' else 'whitebox'}"
+        for n, m in cmp["sources"].items()) + ")"
+    return f"{kind} side by side on the same {cmp['images']} images (reference {cmp['reference']}): accuracy %"
 
 
 def compare_rows(cmp: dict) -> tuple[list[str], list[list[str]]]:

@@ -104,7 +104,9 @@ def compare_results(results: dict[str, dict], reference: str | None = None, seed
     out = {"models": names, "reference": reference, "stages": order, "eps": eps, "eps_labels": labels,
            "images": results[names[0]]["images"], "accuracy": {}, "stronger": {}, "versus": {}, "verdicts": [],
            "sources": {n: {"protocol": r["protocol"], "target": (r.get("target") or {}).get("path"),
-                           "stochastic": r.get("stochastic"), "eval_draws": r.get("eval_draws")}
+                           "stochastic": r.get("stochastic"), "eval_draws": r.get("eval_draws"),
+                           "mode": r.get("mode") if r.get("mode") in ("whitebox", "transfer") else "whitebox",
+                           "crafted_on": (r.get("source") or {}).get("path")}
                        for n, r in results.items()}}
     for n in names:
         out["accuracy"][n] = {s: [accuracy_stats(c) for c in per[n][s]] for s in per[n]}
