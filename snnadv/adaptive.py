@@ -487,8 +487,6 @@ def protocol_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for r in result["rows"]:
         est = r["estimator"] + (f" (k={r['slope']:.3g})" if r.get("slope") else "")
         it = "-" if r.get("iterate") is None else r["iterate"] + (", early exit" if r.get("early_exit") else "")
-        if r.get("early_exit") and r.get("mode") == "transfer":
-            it += " (source)"  # the exit's test asks the source, never the target
         rows.append([P, r["label"], est, str(r["steps"]), str(r["restarts"]), str(r["eot"]), it, K]
                     + [f"{_ci(c['cumulative'])} ({c['attacked']})" for c in r["cells"]])
     rows.append([P, "WORST CASE", "per sample", "", "", "", "", K] + [_ci(w) for w in result["worst_case"]])

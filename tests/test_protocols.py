@@ -72,6 +72,24 @@ def test_cascade_equals_every_attack_on_every_image_and_is_at_least_as_strong():
     assert casc.clean.any() and not torch.equal(casc.worst[-1], casc.clean)  # the attacks did something
 
 
+def test_unkeyed_attacks_do_not_depend_on_the_rng_state_before_them():
+    """APGD's first pass through an EstimatorModule draws from the global RNG: the cascade
+    seeds it per batch, so a piece gives the same result in any process, whatever ran
+    before (a resumed run, another rank, another PYTHONHASHSEED); and leaves it as it was."""
+    snn = small_snn(T=3)
+    x, y = data(snn)
+    p = resolve_protocol("quick", {"attacks": "apgd-ce", "eps": [8 / 255], "chunk": 6, "early_exit": False})
+    results = []
+    for before in (0, 1, 7):
+        torch.manual_seed(before)
+        torch.rand(before + 1)
+        state = torch.random.get_rng_state()
+        r = evaluate_protocol(snn, x, y, p, seed=4, batch_size=4)
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+        results.append(r["correct"]["cumulative"][0][0])
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
 def test_share_gives_each_rank_a_contiguous_part_whole_batches_for_unkeyable_attacks():
     from snnadv.attacks.cascade import share
     from snnadv.parallel import World

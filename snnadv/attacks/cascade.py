@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -82,19 +83,31 @@ def share(n: int, batch_size: int, whole_batches: bool, w: parallel.World | None
     return slice(min(b.start * batch_size, n), min(b.stop * batch_size, n))
 
 
+@contextmanager
+def seeded(model, seed: int, device):
+    """The encoder (:func:`snnadv.encoding.encoder_seed`) *and* the global RNG seeded with
+    ``seed`` (restored after): an attack that draws from the global RNG (APGD's first
+    pass through an :class:`~snnadv.estimator.EstimatorModule`, Square) then gives the same
+    result in any process, whatever ran before it (a resumed run, another rank)."""
+    devices = [device.index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), encoder_seed(model, seed, device):
+        torch.manual_seed(int(seed))
+        yield
+
+
 def craft_at(attack, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, batch_size: int,
              seed: int) -> torch.Tensor:
     """Adversarial ``images`` whose global indices are ``index``: a keyable attack per batch
     inside :meth:`~snnadv.attacks.Attack.keyed` (the result of an image depends only on
-    it and its index), any other with the encoder seeded per batch (from ``seed`` and the
-    batch's first index)."""
+    it and its index), any other with the encoder and the global RNG seeded per batch (from
+    ``seed`` and the batch's first index, :func:`seeded`)."""
     out = []
     for i in range(0, len(images), batch_size):
         x, y, idx = images[i:i + batch_size], labels[i:i + batch_size], index[i:i + batch_size].to(images.device)
         if getattr(attack, "keyable", False):
             block = attack.keyed(seed, idx)
         else:
-            block = encoder_seed(attack.model, batch_seed(seed, int(idx[0])), images.device)
+            block = seeded(attack.model, batch_seed(seed, int(idx[0])), images.device)
         with block, attack_index(attack, idx):
             out.append(attack(x, y))
     return torch.cat(out) if out else images.clone()
