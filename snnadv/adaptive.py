@@ -460,11 +460,16 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
                   data={"dataset": info["dataset"], "images": tensor_hash(images), "labels": tensor_hash(labels),
                         "test_subset": cfg["test_subset"]})
     print_protocol(result, reporter)
-    if parallel.world().main:
-        write_json(json_path, result)
-        atomic_write_text(md_path, protocol_markdown(result))
-    reporter.print(f"[green]saved[/] {json_path} and {md_path}")
+    save_json_and_markdown(json_path, result, md_path, protocol_markdown(result), reporter)
     return result
+
+
+def save_json_and_markdown(json_path: Path, data: dict, md_path: Path, markdown: str, reporter: Reporter) -> None:
+    """Write a result's JSON and Markdown (rank 0 only under torchrun) and say where."""
+    if parallel.world().main:
+        write_json(json_path, data)
+        atomic_write_text(md_path, markdown)
+    reporter.print(f"[green]saved[/] {json_path} and {md_path}")
 
 
 def _ci(d: dict) -> str:
@@ -601,10 +606,7 @@ def run_compare(named: list[tuple[str, str]], reference: str | None = None, out:
         md_path = json_path.with_suffix(".md")
         outputs.claim([json_path, md_path], {"overwrite": overwrite},
                       inputs={f"result {n}": p for n, p in named})
-        if parallel.world().main:
-            write_json(json_path, cmp)
-            atomic_write_text(md_path, compare_markdown(cmp))
-        reporter.print(f"[green]saved[/] {json_path} and {md_path}")
+        save_json_and_markdown(json_path, cmp, md_path, compare_markdown(cmp), reporter)
     return cmp
 
 
