@@ -482,7 +482,10 @@ SCHEMA: dict = {
 
 #: the [reproduce] table (read by snnadv.reproduce, not a stage)
 REPRODUCE = {"run_dir": Setting("path"), "seeds": Setting("ints", 0, MAX_SEED),
-             "analyses": Setting("names"), "evaluate": _BOOL}
+             "analyses": Setting("names"), "evaluate": _BOOL,
+             # the seed-II models Table 1's blackbox rows are crafted on under [evaluate] protocol
+             # (snnadv.reproduce.protocol_stages; default all three, [] = whitebox only)
+             "evaluate_sources": Setting("names")}
 
 
 def setting(stage: str, key: str) -> Setting | None:

@@ -8,7 +8,11 @@ Stages, in order (each one a call into the library):
     bp, bp_ii              SNN-BP fine-tuned from each
     table                  paper Tables 1 and 2
     <analyses>             the configured figures (Fig. 2, 6b, 6a, 3, 4)
-    evaluate               the adaptive evaluation suite (if configured)
+    evaluate               the adaptive evaluation suite on SNN-BP (if configured); with
+                           ``[evaluate] protocol``: Table 1 under that protocol instead,
+                           evaluate-<target> (whitebox), evaluate-<target>-from-<source>
+                           (blackbox, sources ``[reproduce] evaluate_sources``) and
+                           evaluate-compare (:func:`protocol_stages`)
     report                 one Markdown report of everything
 
 Resumable and idempotent.  A stage's settings, and the keys of the stages it
@@ -152,7 +156,10 @@ def _table(cfg: dict, ctx: Context) -> dict:
 def _report(cfg: dict, ctx: Context) -> dict:
     from .analysis import build_report
 
-    return {"markdown": str(build_report(ctx.run_dir, reporter=ctx.reporter))}
+    # Table 1 under a protocol (evaluate-compare): its names hold no "evaluate", so given explicitly
+    tables = [p for k, p in ctx.records.get("evaluate-compare", {}).get("outputs", {}).items()
+              if k.endswith("-markdown")]
+    return {"markdown": str(build_report(ctx.run_dir, reporter=ctx.reporter, include=tables))}
 
 
 def _analysis(name: str):
@@ -210,9 +217,17 @@ def _optional_stages(ctx: Context) -> list[Stage]:
         needs, inputs = ANALYSES[name]
         extra.append(Stage(f"analyze-{name}", "analyze", needs, _analysis(name),
                            lambda c, n=name, f=inputs: {"out": str(c.path("analysis", n)), **f(c)}))
+    sources = parse_list(rcfg.get("evaluate_sources", list(EVALUATE_SOURCES)))
+    unknown = [n for n in sources if n not in EVALUATE_SOURCES]
+    if unknown:
+        raise SnnadvError(f"unknown source '{unknown[0]}' in [reproduce] evaluate_sources "
+                          f"(choose from {', '.join(EVALUATE_SOURCES)}; an empty list = whitebox only)")
     if rcfg.get("evaluate", False):
-        extra.append(Stage("evaluate", "evaluate", ["bp"], _evaluate,
-                           lambda c: {"target_ckpt": c.output("bp"), "out": str(c.path("evaluate"))}))
+        if resolve("evaluate", ctx.config).get("protocol"):
+            extra += protocol_stages(ctx, list(dict.fromkeys(sources)))
+        else:  # the suite on SNN-BP (as before: its key and output unchanged)
+            extra.append(Stage("evaluate", "evaluate", ["bp"], _evaluate,
+                               lambda c: {"target_ckpt": c.output("bp"), "out": str(c.path("evaluate"))}))
     return extra
 
 
@@ -221,6 +236,73 @@ def _evaluate(cfg: dict, ctx: Context) -> dict:
 
     run_evaluate(cfg, ctx.reporter)
     return {"dir": cfg["out"]}
+
+
+# ------------------------------------------------------- Table 1 under a protocol
+#: the seed-I targets of Table 1 (stage -> the name in the comparison tables)
+EVALUATE_TARGETS = {"ann": "ANN", "conv": "SNN-conv", "bp": "SNN-BP"}
+#: the seed-II models the blackbox rows may be crafted on ([reproduce] evaluate_sources)
+EVALUATE_SOURCES = ("ann_ii", "conv_ii", "bp_ii")
+
+
+def _timesteps(ctx: Context, target: str) -> dict:
+    """The T a target is evaluated at: SNN-conv at ``[table] conv_timesteps`` and SNN-BP at
+    ``[table] bp_timesteps`` when set, as :func:`snnadv.robustness.run_table` loads them
+    (``steps_for``: the table stage resolves those from [common] < [table]); None (not
+    given: ``[evaluate] timesteps`` or the checkpoint's own T applies) otherwise.  A
+    source keeps its own T (the table crafts on the seed-II models at theirs too)."""
+    key = {"conv": "conv_timesteps", "bp": "bp_timesteps"}.get(target)
+    return {"timesteps": resolve("table", ctx.config).get(key)} if key else {}
+
+
+def protocol_stages(ctx: Context, sources: list[str]) -> list[Stage]:
+    """``[reproduce] evaluate = true`` with ``[evaluate] protocol``: the paper's Table 1 under
+    that protocol.  ``evaluate-<target>`` (whitebox, each seed-I model), then
+    ``evaluate-<target>-from-<source>`` (crafted on each of ``sources``, scored on each
+    target), each :func:`snnadv.adaptive.run_protocol` writing ``evaluate/<name>.json``
+    (its pieces in ``evaluate/<name>-pieces/``: a stage stopped part-way resumes there),
+    then ``evaluate-compare``: the side-by-side tables (``evaluate/table1-*.json/.md``)."""
+    out: list[Stage] = []
+    folder = lambda c: c.path("evaluate")
+    for t in EVALUATE_TARGETS:
+        out.append(Stage(f"evaluate-{t}", "evaluate", [t], _protocol_stage,
+                         lambda c, t=t: {"target_ckpt": c.output(t), **_timesteps(c, t),
+                                         "out": str(folder(c) / f"{t}.json")}))
+    for src in sources:
+        for t in EVALUATE_TARGETS:
+            out.append(Stage(f"evaluate-{t}-from-{src}", "evaluate", [t, src], _protocol_stage,
+                             lambda c, t=t, s=src: {"target_ckpt": c.output(t), "source_ckpt": c.output(s),
+                                                    **_timesteps(c, t),
+                                                    "out": str(folder(c) / f"{t}-from-{s}.json")}))
+    sets = {"whitebox": {t: f"{t}.json" for t in EVALUATE_TARGETS}}
+    sets.update({f"from-{s}": {t: f"{t}-from-{s}.json" for t in EVALUATE_TARGETS} for s in sources})
+    out.append(Stage("evaluate-compare", "evaluate", [s.name for s in out], _compare_stage(sets),
+                     lambda c: {"out": str(folder(c))}))
+    return out
+
+
+def _protocol_stage(cfg: dict, ctx: Context) -> dict:
+    from .adaptive import output_paths, run_protocol
+
+    run_protocol(cfg, ctx.reporter)
+    json_path, md_path, _ = output_paths(cfg["out"], {})
+    return {"json": str(json_path), "markdown": str(md_path)}
+
+
+def _compare_stage(sets: dict):
+    """One comparison per set (``table1-<set>.json/.md``): ANN, SNN-conv and SNN-BP on the
+    same images, ANN the reference (the paper's Table 1 reads each SNN against the ANN)."""
+    def run(cfg: dict, ctx: Context) -> dict:
+        from .adaptive import run_compare
+
+        folder, outputs = Path(cfg["out"]), {}
+        for name, files in sets.items():
+            named = [(EVALUATE_TARGETS[t], str(folder / f)) for t, f in files.items()]
+            path = folder / f"table1-{name}.json"
+            run_compare(named, reference="ANN", out=str(path), reporter=ctx.reporter, overwrite=True)
+            outputs[f"{name}-json"], outputs[f"{name}-markdown"] = str(path), str(path.with_suffix(".md"))
+        return outputs
+    return run
 
 
 # ----------------------------------------------------------------------- the runner

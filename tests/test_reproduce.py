@@ -148,3 +148,89 @@ def test_cli_options_override_every_stage(shared_data, tmp_path, capsys):
         assert main(args + ["--data-dir", str(shared_data), "--seed", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+
+
+PROTOCOL = """
+[evaluate]
+protocol = "quick"
+protocol_attacks = ["fgsm", "apgd-ce"]
+apgd_steps = 2
+test_subset = 16
+"""
+
+
+def _protocol_config(tmp_path, shared_data, sources='["ann_ii"]'):
+    """The tiny config with Table 1 under the quick protocol (SNN-conv at T=4 via [table])."""
+    text = CONFIG.format(data=shared_data, lr="1e-4").replace('analyses = ["eq7", "encoder"]',
+                                                              f"analyses = []\nevaluate = true\n"
+                                                              f"evaluate_sources = {sources}")
+    path = tmp_path / "protocol.toml"
+    path.write_text(text.replace("[table]\n", "[table]\nconv_timesteps = 4\n") + PROTOCOL)
+    return path
+
+
+def test_reproduce_table1_under_a_protocol(tmp_path, shared_data, monkeypatch):
+    """[evaluate] protocol: whitebox per seed-I model, transfer from the configured
+    sources, the side-by-side Table 1; a second run is a no-op; the report shows it."""
+    from snnadv.reproduce import reproduce
+
+    run_dir = tmp_path / "run"
+    cfg = _protocol_config(tmp_path, shared_data)
+    done = reproduce(cfg, run_dir, quiet=True)
+    ev = run_dir / "evaluate"
+    targets = ("ann", "conv", "bp")
+    expected = {f"evaluate-{t}" for t in targets} | {f"evaluate-{t}-from-ann_ii" for t in targets} | {
+        "evaluate-compare", "report"}
+    assert expected <= set(done) and "evaluate" not in done
+    assert json.loads((run_dir / "reproduce.json").read_text())["complete"]
+    per = {}
+    for t in targets:
+        per[t] = json.loads((ev / f"{t}.json").read_text())
+        assert per[t]["mode"] == "whitebox" and per[t]["protocol"] == "quick"
+        tr = json.loads((ev / f"{t}-from-ann_ii.json").read_text())
+        assert tr["mode"] == "transfer" and tr["source"]["path"] == str(run_dir / "models" / "ann_ii.pt")
+    assert per["conv"]["target"]["num_steps"] == 4  # [table] conv_timesteps, as the table
+    table = json.loads((ev / "table1-whitebox.json").read_text())
+    names = {"ANN": "ann", "SNN-conv": "conv", "SNN-BP": "bp"}
+    assert table["models"] == list(names) and table["reference"] == "ANN"
+    for n, t in names.items():
+        assert table["accuracy"][n]["clean"][0]["mean"] == per[t]["clean"]["mean"]
+        assert table["accuracy"][n]["quick"][0]["mean"] == per[t]["worst_case"][0]["mean"]
+    blackbox = json.loads((ev / "table1-from-ann_ii.json").read_text())
+    assert blackbox["models"] == list(names) and {s["mode"] for s in blackbox["sources"].values()} == {"transfer"}
+    assert not (ev / "table1-from-conv_ii.json").exists()
+    report = (run_dir / "report.md").read_text()
+    assert "table1-whitebox.md" in report and "table1-from-ann_ii.md" in report
+
+    # a second run: every stage done, nothing recomputed
+    import snnadv.adaptive
+
+    monkeypatch.setattr(snnadv.adaptive, "run_protocol", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(snnadv.adaptive, "run_compare", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    _forbid(monkeypatch, "train_ann", "convert", "finetune")
+    records = {n: (run_dir / "stages" / f"{n}.json").read_text() for n in done}
+    again = reproduce(cfg, run_dir, quiet=True)
+    assert set(again) == set(done)
+    assert {n: (run_dir / "stages" / f"{n}.json").read_text() for n in done} == records
+
+
+def test_reproduce_protocol_stages_and_bad_sources(tmp_path, shared_data, capsys):
+    """The plan: no protocol keeps the one evaluate stage; [] sources = whitebox only;
+    a bad source is one line, exit 2."""
+    from snnadv.cli.main import main
+    from snnadv.config import read_config
+    from snnadv.reproduce import Context, stages
+
+    def plan(path):
+        return [s.name for s in stages(Context(tmp_path, read_config(path), None, [0, 1]))]
+
+    whitebox = plan(_protocol_config(tmp_path, shared_data, sources="[]"))
+    assert [n for n in whitebox if n.startswith("evaluate")] == [
+        "evaluate-ann", "evaluate-conv", "evaluate-bp", "evaluate-compare"]
+    old = _protocol_config(tmp_path, shared_data)
+    old.write_text(old.read_text().replace('protocol = "quick"\n', ""))
+    assert [n for n in plan(old) if n.startswith("evaluate")] == ["evaluate"]
+    bad = _protocol_config(tmp_path, shared_data, sources='["ann_ii", "vgg_ii"]')
+    assert main(["reproduce", "--config", str(bad), "--run-dir", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "vgg_ii" in err and "evaluate_sources" in err and "\n" not in err, err

@@ -201,8 +201,11 @@ def _paper_section(d: dict, reporter: Reporter) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the report
-def build_report(run_dir, out=None, title: str | None = None, reporter: Reporter | None = None) -> Path:
-    """Write the Markdown report of ``run_dir`` (default ``run_dir/report.md``); returns its path."""
+def build_report(run_dir, out=None, title: str | None = None, reporter: Reporter | None = None,
+                 include=()) -> Path:
+    """Write the Markdown report of ``run_dir`` (default ``run_dir/report.md``); returns its path.
+    ``include``: further Markdown files shown as evaluate sections, first (``snnadv
+    reproduce``'s Table 1 under a protocol)."""
     reporter = reporter or Reporter(quiet=True)
     root = Path(run_dir)
     if not root.is_dir():
@@ -248,6 +251,8 @@ def build_report(run_dir, out=None, title: str | None = None, reporter: Reporter
     order = {n: i for i, n in enumerate(ANALYSES)}
     analyses.sort(key=lambda x: (order.get(x[1]["analysis"], len(order)), str(x[0])))
     evaluates = sorted(p for p in root.rglob("*evaluate*.md") if visible(p) and p.resolve() != out.resolve())
+    first = [Path(p) for p in include if Path(p).is_file()]
+    evaluates = first + [p for p in evaluates if p.resolve() not in {f.resolve() for f in first}]
 
     shown: set = set()
     body: list[str] = []
