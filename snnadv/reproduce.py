@@ -250,7 +250,8 @@ def _timesteps(ctx: Context, target: str) -> dict:
     ``[table] bp_timesteps`` when set, as :func:`snnadv.robustness.run_table` loads them
     (``steps_for``: the table stage resolves those from [common] < [table]); None (not
     given: ``[evaluate] timesteps`` or the checkpoint's own T applies) otherwise.  A
-    source keeps its own T (the table crafts on the seed-II models at theirs too)."""
+    source runs at its checkpoint's own T (:func:`snnadv.adaptive.load_source`), unlike
+    the table, which loads conv_ii / bp_ii at conv_timesteps / bp_timesteps too."""
     key = {"conv": "conv_timesteps", "bp": "bp_timesteps"}.get(target)
     return {"timesteps": resolve("table", ctx.config).get(key)} if key else {}
 
