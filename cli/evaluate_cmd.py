@@ -44,6 +44,7 @@ from .options import RegistryChoice, common_options, flags
 @click.option("--sweep-steps", type=int, help="PGD steps of the accuracy-vs-eps sweep (default 20).")
 @click.option("--slope", type=float, help="Sharpness k of the attack-time fast-sigmoid surrogate (default 5).")
 @click.option("--timesteps", type=int, help="T for an SNN target (default: the checkpoint's).")
+@click.option("--source-timesteps", type=int, help="T for an SNN --source-ckpt (default: the checkpoint's).")
 @click.option("--input-bits", type=int, help="Quantise the inputs to this many bits.")
 @click.option("--proxy-ckpt", type=click.Path(), help="ANN for the 'ann' path (default: found through the parents).")
 @click.option("--blackbox-ckpt", type=click.Path(),

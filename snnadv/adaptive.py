@@ -344,7 +344,8 @@ class PieceStore:
 
 def load_source(cfg: dict, target_info: dict, target_ckpt: dict, device):
     """The model a protocol's attacks are crafted on in a transfer run (``--source-ckpt``),
-    or None (whitebox).  Its own T (``--timesteps`` is the target's); a missing, garbled
+    or None (whitebox).  At ``--source-timesteps`` if given, else its own T (``--timesteps``
+    is the target's); a missing, garbled
     or incompatible checkpoint (another dataset or input size than the target's) is one
     :class:`SnnadvError` line.  ``--blackbox-ckpt`` (the ``--suite`` evaluation's extra
     transfer row) is refused beside ``--protocol``: the two mean different things (one
@@ -355,8 +356,8 @@ def load_source(cfg: dict, target_info: dict, target_ckpt: dict, device):
     if not cfg.get("source_ckpt"):
         return None, None, None
     try:
-        source, info, ckpt = load_attack_model(cfg["source_ckpt"], None, device, None, cfg.get("input_bits"),
-                                               cfg.get("precision"))
+        source, info, ckpt = load_attack_model(cfg["source_ckpt"], None, device, cfg.get("source_timesteps"),
+                                               cfg.get("input_bits"), cfg.get("precision"))
     except SnnadvError as e:
         raise SnnadvError(f"--source-ckpt: {e}") from None
     check_compatible(info, target_info, ckpt, target_ckpt)

@@ -100,6 +100,7 @@ STAGES = {
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
         "input_bits": None, "proxy_ckpt": None, "blackbox_ckpt": None, "test_subset": 1000, "protocol_attacks": None,
         "source_ckpt": None,  # a protocol crafted on this model, scored on the target (transfer)
+        "source_timesteps": None,  # T of an SNN source (default: its checkpoint's)
     },
     "bench": {  # snnadv.bench; batch size and T come from the preset unless given
         "preset": "auto", "arch": None, "timesteps": None, "only": None, "iters": None, "warmup": None,
@@ -131,7 +132,7 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
 
 #: late defaults of one stage only (``settings["stage"]``): keys that other stages have
 #: always had in their keys (``attack``'s and ``analyze``'s ``source_ckpt``)
-LATE_STAGE_DEFAULTS = {"evaluate": {"source_ckpt": None}}
+LATE_STAGE_DEFAULTS = {"evaluate": {"source_ckpt": None, "source_timesteps": None}}
 
 
 def keyed(settings: dict) -> dict:
@@ -447,7 +448,7 @@ SCHEMA: dict = {
     "reset": Setting("choice", choices=("zero", "subtract")), "image": _I(0, MAX_IMAGES),
     "suite": Setting("choice", choices=("paper", "adaptive", "full")), "paths": Setting("names"),
     "protocol": Setting("choice", choices=tuple(PROTOCOLS), optional=True),
-    "protocol_attacks": Setting("names", optional=True),
+    "protocol_attacks": Setting("names", optional=True), "source_timesteps": _T,
     "chunk": Setting("int", 1, MAX_IMAGES, optional=True), "cascade": _BOOL,
     "early_exit": Setting("bool", optional=True),
     "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,

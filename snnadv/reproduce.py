@@ -249,11 +249,17 @@ def _timesteps(ctx: Context, target: str) -> dict:
     """The T a target is evaluated at: SNN-conv at ``[table] conv_timesteps`` and SNN-BP at
     ``[table] bp_timesteps`` when set, as :func:`snnadv.robustness.run_table` loads them
     (``steps_for``: the table stage resolves those from [common] < [table]); None (not
-    given: ``[evaluate] timesteps`` or the checkpoint's own T applies) otherwise.  A
-    source runs at its checkpoint's own T (:func:`snnadv.adaptive.load_source`), unlike
-    the table, which loads conv_ii / bp_ii at conv_timesteps / bp_timesteps too."""
+    given: ``[evaluate] timesteps`` or the checkpoint's own T applies) otherwise.  Sources
+    likewise (:func:`_source_timesteps`)."""
     key = {"conv": "conv_timesteps", "bp": "bp_timesteps"}.get(target)
     return {"timesteps": resolve("table", ctx.config).get(key)} if key else {}
+
+
+def _source_timesteps(ctx: Context, source: str) -> dict:
+    """A seed-II source at the T of its seed-I twin (:func:`_timesteps`), as the table
+    crafts on conv_ii / bp_ii at conv_timesteps / bp_timesteps."""
+    t = _timesteps(ctx, source.removesuffix("_ii")).get("timesteps")
+    return {"source_timesteps": t} if t is not None else {}
 
 
 def protocol_stages(ctx: Context, sources: list[str]) -> list[Stage]:
@@ -273,7 +279,7 @@ def protocol_stages(ctx: Context, sources: list[str]) -> list[Stage]:
         for t in EVALUATE_TARGETS:
             out.append(Stage(f"evaluate-{t}-from-{src}", "evaluate", [t, src], _protocol_stage,
                              lambda c, t=t, s=src: {"target_ckpt": c.output(t), "source_ckpt": c.output(s),
-                                                    **_timesteps(c, t),
+                                                    **_timesteps(c, t), **_source_timesteps(c, s),
                                                     "out": str(folder(c) / f"{t}-from-{s}.json")}))
     sets = {"whitebox": {t: f"{t}.json" for t in EVALUATE_TARGETS}}
     sets.update({f"from-{s}": {t: f"{t}-from-{s}.json" for t in EVALUATE_TARGETS} for s in sources})

@@ -193,6 +193,9 @@ def test_cli_transfer_from_the_same_file_pairs_with_whitebox(tmp_path, shared_da
     assert t2["correct"] == w2["correct"] and t2["worst_case"] == w2["worst_case"]  # per image and draw
     md = (tmp_path / "t-evaluate.md").read_text()
     assert "transfer: crafted on snn-conv tiny (snn.pt)" in md and "Transfer: every attack crafted on" in md
+    # --source-timesteps: the source at another T (reproduce: conv_ii at the table's conv_timesteps)
+    t3 = run_protocol(_cfg(shared_data, tmp_path / "t3.json", source_ckpt=str(ckpts["snn"]), source_timesteps=2, **kw))
+    assert t3["source"]["num_steps"] == 2 and t3["target"]["num_steps"] == w2["target"]["num_steps"] != 2
 
 
 def test_cli_transfer_resumes_and_never_shares_whitebox_pieces(tmp_path, shared_data, ckpts):
