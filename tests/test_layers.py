@@ -24,7 +24,7 @@ ROOTS = {"snnadv": REPO / "snnadv", "snnadv.cli": REPO / "cli"}
 #: the computation core: modules, or packages (every module in them)
 CORE = ("neurons", "surrogates", "kernels", "encoding", "models", "conversion", "training", "attacks", "gradients",
         "evaluation", "stats", "registry", "errors", "batching", "values", "masking", "memory", "parallel",
-        "estimator", "sharpness", "paths", "eot")
+        "estimator", "sharpness", "paths", "eot", "comparison")
 #: the experiment layer: configs, files, printing, the stages and the command line
 EXPERIMENT = ("config", "checkpoint", "outputs", "report", "data", "train", "convert", "robustness", "adaptive",
               "reproduce", "analysis", "bench", "protocol_cost", "doctor", "cuda_checks", "runtime", "paper", "atomic", "cli")
