@@ -483,9 +483,8 @@ def protocol_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The protocol's table: one row per attack and estimator with its provenance; each
     cell the robust accuracy after that attack (the cascade's running worst case): mean
     over draws ± std [95 % Wilson interval], and the images attacked.  ``iterate``: the
-    package's attacks' result (``last``; ``best, early exit``: :mod:`snnadv.attacks.pgd`;
-    ``(source)`` in a transfer run: the exit tested on the source), ``-`` for torchattacks'
-    attacks."""
+    package's attacks' result (``last``; ``best, early exit``: :mod:`snnadv.attacks.pgd`),
+    ``-`` for torchattacks' attacks."""
     header = ["protocol", "attack", "estimator", "steps", "restarts", "eot", "iterate", "draws"] + \
         [f"acc % eps={l} (attacked)" for l in result["eps_labels"]]
     P, K = result["protocol"], str(result["eval_draws"])

@@ -25,9 +25,9 @@ search and the ``ann`` proxy (its ANN), so the attack never queries the target. 
 exit is off in a transfer run whatever the protocol says: an image leaving as soon as it
 fools the source keeps a barely-adversarial iterate, which transfers worse than the one
 the remaining steps reach (measured: ``strong-cpu`` from one medium-profile VGG5 ANN to
-another, 200 images, 31.5 % robust with APGD's exit, 30.0 % without).  With the source the
-target itself and the exit off, the run equals the whitebox one (tested).  What scores is the target's: the clean
-correctness, the keyed evaluation draws of :func:`snnadv.attacks.cascade.keyed_correct`
+another, 200 images, 31.5 % robust with APGD's exit, 30.0 % without).  With the source
+the target itself and the exit off, the run equals the whitebox one (tested).  What
+scores is the target's: the clean correctness, the keyed evaluation draws of :func:`snnadv.attacks.cascade.keyed_correct`
 (so clean and per-image results pair with a whitebox run on the same images), and the
 cascade (an image is attacked while it is still correct on the target under the worst
 case so far).  Square, a query attack, is left out (querying the source says nothing
