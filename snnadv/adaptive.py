@@ -377,7 +377,7 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     then the source's ANN) and scored on the target; Square is left out (a warning); the
     pieces' keys hold the source's sha256, so a whitebox and a transfer run never share
     pieces."""
-    from .attacks.run_protocol import QUERY_ATTACKS, evaluate_protocol
+    from .attacks.run_protocol import QUERY_ATTACKS, QUERY_REASON, evaluate_protocol
     from .evaluation import encode_correct
     from .outputs import tensor_hash
 
@@ -404,8 +404,7 @@ def run_protocol(cfg: dict, reporter: Reporter | None = None, outputs: Outputs |
     snn = is_snn(crafter)
     attacks = [a for a in p.attacks if not (transfer and a in QUERY_ATTACKS)]
     if transfer and len(attacks) < len(p.attacks):
-        warn(f"transfer run: {', '.join(a for a in p.attacks if a in QUERY_ATTACKS)} left out (a query attack "
-             f"crafted on the source says nothing about the target)")
+        warn(f"transfer run: {', '.join(a for a in p.attacks if a in QUERY_ATTACKS)} left out ({QUERY_REASON})")
     needs_lib = "square" in attacks or any(a.endswith("-torchattacks") for a in attacks)
     if needs_lib:
         try:

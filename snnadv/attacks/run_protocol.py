@@ -126,6 +126,7 @@ def attack_builder(model, sp: AttackSetting, *, slope: float | None, proxy=None,
 #: query attacks: they ask the model they attack, so crafted on a source they say nothing
 #: about the target (left out of transfer runs)
 QUERY_ATTACKS = ("square",)
+QUERY_REASON = "a query attack: crafted on the source it says nothing about the target"
 
 
 def protocol_attacks(model, p: Protocol, *, proxy=None, heldout: tuple | None = None, slope: float = 5.0,
@@ -161,7 +162,7 @@ def protocol_attacks(model, p: Protocol, *, proxy=None, heldout: tuple | None = 
     specs = protocol_specs(model, p, paths)
     skipped_attacks = []
     if transfer:
-        skipped_attacks = [f"{sp.label} (a query attack: crafted on the source it says nothing about the target)"
+        skipped_attacks = [f"{sp.label} ({QUERY_REASON})"
                            for sp in specs if sp.attack in QUERY_ATTACKS]
         specs = [sp for sp in specs if sp.attack not in QUERY_ATTACKS]
     K = p.eval_draws if snn else 1  # the crafting model's draws: APGD's early exit asks them
