@@ -243,7 +243,11 @@ def run_table(cfg: dict, reporter: Reporter | None = None, outputs: Outputs | No
         name = f"acc-{target_key}-" + ("clean" if source_key is None else f"{source_key}-{attack_name}")
         found = pieces.load_json(name, what)
         if parallel.any_rank(found is None, device):  # every process computes it, or none does
-            found = accuracy_on(models[target_key], x, labels, bs, draws, seed, per_sample=True)
+            model = models[target_key]
+            seen = "clean" if source_key is None else f"{attack_name} from {source_key}"
+            with reporter.progress(f"accuracy of {target_key} on {seen}",
+                                   len(images) * (draws if is_snn(model) else 1)) as advance:
+                found = accuracy_on(model, x, labels, bs, draws, seed, advance=advance, per_sample=True)
             if main:
                 pieces.save_json(name, what, found)
             found = json.loads(json.dumps(found, default=_jsonable))  # as a resumed run reads it (JSON types)

@@ -247,8 +247,30 @@ def test_table_complete(tiny_models, shared_data, tmp_path):
     cfg = resolve("table", flags=dict(data_dir=str(shared_data), device="cpu", quiet=True, test_subset=40,
                                       steps=2, batch_size=40, out=str(tmp_path / "tables"),
                                       **{k: str(v) for k, v in tiny_models.items()}))
-    r = run_table(cfg)
+    from contextlib import contextmanager
+
+    from snnadv.report import Reporter
+
+    class Recorder(Reporter):  # what each progress display was told: description, total, advanced
+        shown: list = []
+
+        @contextmanager
+        def progress(self, description, total):
+            row = [description, total, 0]
+            self.shown.append(row)
+
+            def advance(n=1, info=None):
+                row[2] += n
+
+            yield advance
+
+    r = run_table(cfg, reporter=Recorder(quiet=True))
     t1, t2 = r["table1"], r["table2"]
+    # long work shows progress: every crafted set and every accuracy (3 draws on an SNN) counts to its total
+    shown = {d: (total, done) for d, total, done in Recorder.shown}
+    assert shown["accuracy of ann on clean"] == (40, 40)
+    assert shown["accuracy of snn_conv on pgd from snn_bp_ii"] == (40 * cfg["eval_draws"],) * 2
+    assert sum(d.startswith("crafting") for d in shown) == 12 and all(t == n for t, n in shown.values())
     for part in ("whitebox", "blackbox"):
         for a in ("fgsm", "pgd"):
             assert set(t1[part][a]) == {"ann", "snn_conv", "snn_bp"}
