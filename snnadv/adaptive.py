@@ -325,15 +325,27 @@ def protocol_from_config(cfg: dict):
 class PieceStore:
     """The cascade's pieces (:func:`snnadv.attacks.cascade.run_cascade`) as files of
     :class:`snnadv.outputs.Pieces` (a folder beside the JSON); ``fail_after``: raise after
-    that many saves (to test resuming)."""
+    that many saves (to test resuming).
+
+    ``common`` holds the protocol (``"protocol"``: :meth:`Protocol.to_dict`).  Its list of
+    attacks is left out of the key: a piece is one attack on the images still standing
+    (``what`` names both), whichever attacks come after it, so ``--attacks fgsm,pgd`` and
+    a later run with the whole list share their first pieces.  Pieces saved before that
+    (keyed by the whole protocol) are still read."""
 
     def __init__(self, folder, common: dict, fail_after: int | None = None):
         from .outputs import Pieces
 
-        self.pieces, self.saved, self.fail_after = Pieces(folder, common), 0, fail_after
+        protocol = dict(common.get("protocol") or {})
+        keyed = {**common, "protocol": {k: v for k, v in protocol.items() if k != "attacks"}}
+        self.pieces, self.saved, self.fail_after = Pieces(folder, keyed), 0, fail_after
+        self.legacy = Pieces(folder, common) if "attacks" in protocol else None
 
     def load(self, what: dict):
-        return self.pieces.load_tensor("cascade", what)
+        got = self.pieces.load_tensor("cascade", what)
+        if got is None and self.legacy is not None:
+            got = self.legacy.load_tensor("cascade", what)
+        return got
 
     def save(self, what: dict, x) -> None:
         self.pieces.save_tensor("cascade", what, x.to(torch.uint8))

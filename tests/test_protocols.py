@@ -390,6 +390,42 @@ def test_evaluate_protocol_interrupted_resumes_from_its_pieces(tmp_path, shared_
     assert [r["cells"][0]["cumulative"] for r in got["rows"]] == [r["cells"][0]["cumulative"] for r in ref["rows"]]
 
 
+def test_a_run_with_fewer_attacks_shares_its_pieces_with_the_whole_protocol(tmp_path, shared_data):
+    """``--attacks fgsm`` first, then the whole ``quick`` protocol in the same place: the
+    FGSM pieces are read back (the list of attacks is not in a piece's key; what stands
+    before an attack is), and the result is a fresh whole run's.  Pieces saved under the
+    old key (the whole protocol, its attack list included) are still read."""
+    pytest.importorskip("torchattacks")
+    from snnadv.adaptive import PieceStore, run_protocol
+    from snnadv.checkpoint import model_settings, save_checkpoint, weights
+    from snnadv.config import resolve
+    from snnadv.outputs import Pieces
+
+    snn = small_snn(T=4)
+    ckpt = save_checkpoint(tmp_path / "snn.pt", {
+        "stage": "snn-conv", "dataset": "cifar10", "spec": snn.spec.to_dict(), "model": model_settings(snn),
+        "state_dict": weights(snn), "config": {}, "metrics": {}, "parent": None, "train_state": None})
+
+    def cfg(name, **kw):
+        return resolve("evaluate", flags=dict(target_ckpt=str(ckpt), protocol="quick", data_dir=str(shared_data),
+                                              device="cpu", test_subset=30, batch_size=8, quiet=True, chunk=10,
+                                              out=str(tmp_path / name / "r.json"), **kw))
+
+    ref = run_protocol(cfg("ref"))
+    first = run_protocol(cfg("run", protocol_attacks="fgsm"))
+    assert [r["attack"] for r in first["rows"]] == ["fgsm"], first["rows"]
+    got = run_protocol({**cfg("run"), "overwrite": True})
+    n = first["pieces"]["computed"]  # FGSM's chunks of 10 with an image standing
+    assert n >= 1 and got["pieces"]["resumed"] == n and got["pieces"]["computed"] == ref["pieces"]["computed"] - n
+    assert got["worst_case"] == ref["worst_case"] and got["correct"] == ref["correct"]
+
+    common = {"target": "t", "protocol": {"name": "quick", "attacks": ["fgsm", "square"], "eot": 2}}
+    what = {"attack": ["fgsm"], "chunk": [0, 10]}
+    Pieces(tmp_path / "old", common).save_tensor("cascade", what, torch.ones(2, 3, dtype=torch.uint8))  # old key
+    assert PieceStore(tmp_path / "old", common).load(what).shape == (2, 3)
+    assert PieceStore(tmp_path / "old", {**common, "protocol": {**common["protocol"], "eot": 3}}).load(what) is None
+
+
 def test_config_protocol_with_overrides_and_old_keys_unchanged():
     from snnadv.adaptive import protocol_from_config
     from snnadv.config import resolve, settings_key
