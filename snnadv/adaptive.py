@@ -347,7 +347,15 @@ class PieceStore:
             got = self.legacy.load_tensor("cascade", what)
         return got
 
-    def save(self, what: dict, x) -> None:
+    def seconds(self, what: dict) -> dict | None:
+        """What the piece cost when it was made (``{"attack": s, "eval": s}``; None for a
+        piece saved before its time was kept), so a resumed run's cost table is whole."""
+        got = self.pieces.load_json("cascade-seconds", what)
+        return got if isinstance(got, dict) and {"attack", "eval"} <= set(got) else None
+
+    def save(self, what: dict, x, seconds: dict | None = None) -> None:
+        if seconds is not None:  # first: a piece is never found without its time
+            self.pieces.save_json("cascade-seconds", what, seconds)
         self.pieces.save_tensor("cascade", what, x.to(torch.uint8))
         self.saved += 1
         if self.fail_after is not None and self.saved >= self.fail_after:
@@ -514,11 +522,31 @@ COST_HEADER = ["attack", "estimator", "steps", "eot", "images attacked", "second
 
 
 def cost_rows(result: dict) -> list[list[str]]:
-    def f(v):
-        return "-" if v is None else f"{v:.2f}"
+    """The cost table's rows; ">=" where resumed pieces of unknown cost make it a lower bound."""
+    def row(c):
+        at_least = ">=" if c.get("untimed") else ""
 
-    return [[c["attack"], c["estimator"], str(c["steps"]), str(c["eot"]), str(c["attacked"]), f(c["seconds"]),
-             f(c["per_100_attacked"]), f(c["per_100_images"])] for c in result["cost"]]
+        def f(v):
+            return "-" if v is None else f"{at_least}{v:.2f}"
+
+        return [c["attack"], c["estimator"], str(c["steps"]), str(c["eot"]), str(c["attacked"]), f(c["seconds"]),
+                f(c["per_100_attacked"]), f(c["per_100_images"])]
+
+    return [row(c) for c in result["cost"]]
+
+
+def cost_title(result: dict) -> str:
+    """``Cost (X s in all, ...)``: the whole protocol's cost, resumed pieces included
+    (results written before ``cost_seconds``: this run's seconds)."""
+    total = result.get("cost_seconds", result["seconds"])
+    text = f"Cost ({'>=' if result.get('untimed_pieces') else ''}{total:.0f} s in all, evaluation draws " \
+           f"{result['eval_seconds']:.0f} s"
+    resumed = (result.get("pieces") or {}).get("resumed")
+    if resumed:
+        text += f"; this run {result['seconds']:.0f} s, {resumed} pieces resumed"
+    if result.get("untimed_pieces"):
+        text += f", {result['untimed_pieces']} of them saved without their time (>=: a lower bound)"
+    return text + ")"
 
 
 def _source_name(result: dict) -> str:
@@ -545,8 +573,7 @@ def print_protocol(result: dict, reporter: Reporter) -> None:
     caption = (f"sharpness search{of}: {sh['path']} slope k = {sh['best']:.3g} on {sh['images']} held-out images"
                if sh else "")
     reporter.table(_protocol_title(result), header, rows, caption=caption)
-    reporter.table(f"Cost ({result['seconds']:.0f} s in all, evaluation draws {result['eval_seconds']:.0f} s)",
-                   COST_HEADER, cost_rows(result))
+    reporter.table(cost_title(result), COST_HEADER, cost_rows(result))
 
 
 def protocol_markdown(result: dict) -> str:
@@ -569,7 +596,8 @@ def protocol_markdown(result: dict) -> str:
                   f"steps on {sh['images']} held-out training images).", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "**Cost**", "", "| " + " | ".join(COST_HEADER) + " |", "|" + "---|" * len(COST_HEADER)]
+    lines += ["", f"**{cost_title(result)}**", "", "| " + " | ".join(COST_HEADER) + " |",
+              "|" + "---|" * len(COST_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in cost_rows(result)]
     return "\n".join(lines) + "\n"
 

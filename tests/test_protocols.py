@@ -119,7 +119,7 @@ class _Store:
         self.loads += got is not None
         return got
 
-    def save(self, what, x):
+    def save(self, what, x, seconds=None):
         self.data[json.dumps(what, sort_keys=True)] = x.clone()
         self.saves += 1
         if self.fail_after is not None and self.saves >= self.fail_after:
@@ -145,6 +145,9 @@ def test_cascade_resumes_per_attack_and_chunk_with_the_same_result():
         assert all(torch.equal(a, b) for a, b in zip(again.matrices[k], ref.matrices[k]))
     done = run_cascade(snn, x, y, attacks, EPS, store=store, **kw)  # all from the pieces
     assert done.pieces == 0 and all(torch.equal(a, b) for a, b in zip(done.worst, ref.worst))
+    # a resumed piece still counts the images it attacked; this store keeps no times: counted as unknown
+    assert done.attacked == ref.attacked and again.attacked == ref.attacked
+    assert sum(map(sum, done.untimed.values())) == ref.pieces and sum(map(sum, ref.untimed.values())) == 0
 
 
 # --------------------------------------------------------------------------- protocols
@@ -386,6 +389,11 @@ def test_evaluate_protocol_interrupted_resumes_from_its_pieces(tmp_path, shared_
         run_protocol(cfg("run"), fail_after=2)
     got = run_protocol(cfg("run"))
     assert got["pieces"] == {"computed": ref["pieces"]["computed"] - 2, "resumed": 2}
+    # the cost table is the whole protocol's: resumed pieces add their images and their recorded seconds
+    assert [c["attacked"] for c in got["cost"]] == [c["attacked"] for c in ref["cost"]]
+    assert got["untimed_pieces"] == 0 and all(c["seconds"] > 0 for c in got["cost"] if c["attacked"])
+    assert got["cost_seconds"] > got["eval_seconds"] + sum(c["seconds"] for c in got["cost"]) - 1e-9
+    assert "2 pieces resumed" in (tmp_path / "run" / "r-evaluate.md").read_text()
     assert got["worst_case"] == ref["worst_case"] and got["correct"] == ref["correct"]
     assert [r["cells"][0]["cumulative"] for r in got["rows"]] == [r["cells"][0]["cumulative"] for r in ref["rows"]]
 

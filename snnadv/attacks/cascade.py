@@ -122,7 +122,10 @@ def attack_seed(seed: int, key) -> int:
 class CascadeRun:
     """What :func:`run_cascade` computed: ``clean`` [K, N]; per eps index j,
     ``matrices[key][j]`` [K, N] (False where the image was not attacked), ``cumulative[key][j]``
-    (W after that attack), ``worst[j]``; ``attacked[key][j]`` images; ``seconds[key][j]``."""
+    (W after that attack), ``worst[j]``; ``attacked[key][j]`` images (resumed pieces
+    included); ``seconds[key][j]`` (a resumed piece adds the seconds its store recorded);
+    ``untimed[key][j]``: resumed pieces whose seconds the store does not know (then
+    ``seconds`` is a lower bound)."""
 
     clean: torch.Tensor
     worst: list = field(default_factory=list)
@@ -130,6 +133,7 @@ class CascadeRun:
     cumulative: dict = field(default_factory=dict)
     attacked: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    untimed: dict = field(default_factory=dict)
     eval_seconds: float = 0.0
     resumed: int = 0
     pieces: int = 0
@@ -151,13 +155,13 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
     run = CascadeRun(clean=clean, eval_seconds=clock() - t0)
     chunks = [(a, min(a + chunk, N)) for a in range(0, N, chunk)]
     for key, _ in attacks:
-        for d in (run.matrices, run.cumulative, run.attacked, run.seconds):
+        for d in (run.matrices, run.cumulative, run.attacked, run.seconds, run.untimed):
             d[key] = []
     for j, eps in enumerate(eps_list):
         W = clean.clone()
         for key, build in attacks:
             C = torch.zeros(K, N, dtype=torch.bool)
-            n_att, secs = 0, 0.0
+            n_att, secs, untimed = 0, 0.0, 0
             attack = None
             for a, b in chunks:
                 sub = torch.arange(a, b)
@@ -166,15 +170,23 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
                     continue
                 what = {"attack": list(map(str, key)), "eps": float(eps), "chunk": [a, b],
                         "alive": alive.tolist(), "draws": K, "seed": seed, "batch_size": batch_size}
-                got = None
+                got = known = None
                 if store is not None:  # rank 0 decides, so that every rank computes the same pieces
                     got = store.load(what) if w.main else None
                     if got is not None and tuple(got.shape) != (K, len(alive)):
                         got = None
-                    got = parallel.broadcast_object(None if got is None else got.bool().cpu())
+                    if got is not None and hasattr(store, "seconds"):
+                        known = store.seconds(what)  # what making it cost (None: not recorded)
+                    got, known = parallel.broadcast_object((None, None) if got is None else (got.bool().cpu(), known))
                 if got is not None:
                     C[:, alive] = got
                     run.resumed += 1
+                    n_att += len(alive)
+                    if known is None:
+                        untimed += 1
+                    else:
+                        secs += known["attack"]
+                        run.eval_seconds += known["eval"]
                 else:
                     t1 = clock()
                     if eps != 0:
@@ -195,7 +207,7 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
                     n_att += len(alive)
                     C[:, alive] = got
                     if store is not None and w.main:
-                        store.save(what, got)
+                        store.save(what, got, seconds={"attack": te - t1, "eval": t2 - te})
                     run.pieces += 1
                 if advance:
                     advance({"attack": key, "eps": eps, "chunk": (a, b), "images": len(alive)})
@@ -204,5 +216,6 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
             run.cumulative[key].append(W.clone())
             run.attacked[key].append(n_att)
             run.seconds[key].append(secs)
+            run.untimed[key].append(untimed)
         run.worst.append(W)
     return run

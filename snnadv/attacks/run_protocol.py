@@ -212,6 +212,7 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
             n_att, secs = run.attacked[k][j], run.seconds[k][j]
             cells.append({
                 "eps": e, "eps_label": eps_label(e), "attacked": n_att, "seconds": secs,
+                "untimed": run.untimed[k][j],  # resumed pieces of unknown cost: seconds a lower bound
                 "seconds_per_100": 100.0 * secs / n_att if n_att else None,
                 # robust accuracy after this attack (the cascade's running worst case)
                 "cumulative": accuracy_stats(run.cumulative[k][j].numpy()),
@@ -240,7 +241,9 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
         "eval_draws": K, "eot": M, "eps": eps, "eps_labels": [eps_label(e) for e in eps], "seed": seed,
         "batch_size": batch_size, "clean": accuracy_stats(run.clean.numpy()), "rows": rows, "worst_case": worst,
         "cost": cost, "eval_seconds": run.eval_seconds, "pieces": {"computed": run.pieces, "resumed": run.resumed},
-        "seconds": clock() - t0,
+        "seconds": clock() - t0,  # this run's; with resumed pieces, what the whole protocol cost is cost_seconds
+        "cost_seconds": (sharp or {}).get("seconds", 0.0) + run.eval_seconds + sum(c["seconds"] for c in cost),
+        "untimed_pieces": sum(c["untimed"] for c in cost),
         # per image: clean, the worst case, and the running worst case after each row (rows' order)
         "correct": {"clean": run.clean, "worst": run.worst,
                     "cumulative": [run.cumulative[sp.key] for sp in specs]},
@@ -249,13 +252,14 @@ def evaluate_protocol(model, images: torch.Tensor, labels: torch.Tensor, protoco
 
 def cost_table(rows: list[dict], images: int) -> list[dict]:
     """Per attack and estimator: seconds, images attacked and seconds per 100 attacked
-    images (summed over eps), and the seconds per 100 evaluated images."""
+    images (summed over eps), and the seconds per 100 evaluated images; ``untimed``:
+    resumed pieces whose cost was not recorded (the seconds are then a lower bound)."""
     out = []
     for r in rows:
         secs = sum(c["seconds"] for c in r["cells"])
         n = sum(c["attacked"] for c in r["cells"])
         out.append({"attack": r["label"], "estimator": r["estimator"], "eot": r["eot"], "steps": r["steps"],
-                    "early_exit": r["early_exit"],
+                    "early_exit": r["early_exit"], "untimed": sum(c.get("untimed", 0) for c in r["cells"]),
                     "seconds": secs, "attacked": n, "per_100_attacked": 100.0 * secs / n if n else None,
                     "per_100_images": 100.0 * secs / images if images else None})
     return out
