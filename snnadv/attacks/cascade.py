@@ -25,10 +25,10 @@ last iterate) run their fixed steps on the alive images.
 
 Resumable: the images are cut into fixed chunks of global indices; each (attack, eps,
 chunk) is one piece, its result the [K, alive-in-chunk] correctness of the attacked
-images.  ``store`` (``load(what)`` / ``save(what, tensor)``, e.g. on
-:class:`snnadv.outputs.Pieces` in the experiment layer) keeps them; ``what`` names the
-attack, eps, chunk and the alive images, so an interrupted run resumes where it stopped
-with the same result.
+images.  ``store`` (``load(what)``, ``seconds(what)`` (what the piece cost, None if not
+recorded), ``save(what, tensor, seconds=...)``; e.g. :class:`snnadv.adaptive.PieceStore`
+in the experiment layer) keeps them; ``what`` names the attack, eps, chunk and the alive
+images, so an interrupted run resumes where it stopped with the same result and cost.
 
 Processes (:mod:`snnadv.parallel`): under ``torchrun`` the ranks share out each piece's
 images, every rank attacks and evaluates its contiguous part (keyed by the images'
@@ -175,7 +175,7 @@ def run_cascade(model, images: torch.Tensor, labels: torch.Tensor, attacks: list
                     got = store.load(what) if w.main else None
                     if got is not None and tuple(got.shape) != (K, len(alive)):
                         got = None
-                    if got is not None and hasattr(store, "seconds"):
+                    if got is not None:
                         known = store.seconds(what)  # what making it cost (None: not recorded)
                     got, known = parallel.broadcast_object((None, None) if got is None else (got.bool().cpu(), known))
                 if got is not None:
