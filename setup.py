@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     packages=["snnadv", "snnadv.models", "snnadv.kernels", "snnadv.analysis", "snnadv.attacks", "snnadv.paths", "snnadv.cli"],
     package_dir={"snnadv.cli": "cli"},
-    install_requires=["torch>=2.2", "torchvision>=0.17", "snntorch>=0.9", "numpy", "scipy", "click>=8.1", "rich>=13"],
+    install_requires=["torch>=2.2", "torchvision>=0.17", "snntorch>=0.9", "numpy", "scipy", "click>=8.1", "rich>=13", "psutil>=5.9"],
     extras_require={"dev": ["pytest>=7", "torchattacks>=3.5", "matplotlib>=3.7"],
                     "plots": ["matplotlib>=3.7"], "attacks": ["torchattacks>=3.5"],
                     # the SpikingJelly peer of `snnadv bench`: what its layers and neurons import;

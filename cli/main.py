@@ -58,8 +58,11 @@ def cli():
       snnadv convert   --config configs/quick.toml --checkpoint runs/ann.pt --out runs/conv.pt
       snnadv finetune  --config configs/quick.toml --checkpoint runs/conv.pt --leak 0.95 --out runs/bp.pt
     """
+    from snnadv.memory import limit_bytes
     from snnadv.parallel import init_from_env
     from snnadv.runtime import keep_freed_memory, tf32_policy
+
+    limit_bytes()  # a bad SNNADV_MEMORY_LIMIT is an error now, not when an attack first plans
 
     if init_from_env().distributed:  # under torchrun: join the process group (gloo on CPUs, NCCL on GPUs)
         signal.signal(signal.SIGTERM, _terminated)  # torchrun ends the other ranks when one fails

@@ -233,6 +233,8 @@ def doctor(device: str = "auto", full: bool = False, memory: bool = False, out: 
     reporter.print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
     cuda = ", ".join(f"{c['name']} ({c['memory_gib']:.0f} GiB)" for c in report["devices"]["cuda"]) or "none"
     reporter.print(f"devices: {report['devices']['cpu']} ({report['devices']['threads']} threads); CUDA: {cuda}")
+    report["memory_plan"] = memory_budget(dev)
+    reporter.print(report["memory_plan"]["line"])
     report["checks"] = {"fused network vs step-by-step reference": check_network(dev)}
     if dev.type == "cuda":  # (bf16 is checked here, kernel against kernel: the reference is fp32-only)
         report["checks"]["triton kernels vs PyTorch scan"] = check_triton(dev)
@@ -267,6 +269,21 @@ def doctor(device: str = "auto", full: bool = False, memory: bool = False, out: 
 
 
 # --------------------------------------------------------------------------- the memory plan
+def memory_budget(dev: torch.device) -> dict:
+    """What an attack on ``dev`` may plan with now (:func:`snnadv.memory.free_bytes`), the
+    factor its estimates are multiplied by, the limit if one is set, and a line saying so."""
+    from . import memory as mem
+
+    free, factor, limit = mem.free_bytes(dev), mem.allocator_factor(dev.type), mem.limit_bytes()
+    if free is None:
+        line = f"memory plan: none on {dev.type} (free memory unknown here): attack batches are not split"
+    else:
+        line = (f"memory plan: {free / GiB:.1f} GiB free for attacks on {dev.type}"
+                + (f", estimates x {factor:g} for the heap's fragmentation" if factor != 1 else "")
+                + (f", capped by SNNADV_MEMORY_LIMIT={limit / GiB:g}" if limit is not None else ""))
+    return {"free_bytes": free, "allocator_factor": factor, "limit_bytes": limit, "line": line}
+
+
 #: the stages of a paper config, as (stage, kind, the config's stage for batch and T,
 #: which T): conversion and the table's SNN-conv run at the conversion T, fine-tuning
 #: and the SNN-BP attacks at the fine-tuning T

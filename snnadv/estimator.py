@@ -113,6 +113,7 @@ class EstimatorModule(nn.Module):
         self.model, self.source, self.eot, self.generator = model, source, int(eot), generator
         self.batched = bool(batched) and self.eot > 1
         self.last_seeds: list[int] = []
+        self._fits: set[int] = set()  # row counts whose gradient pass fits the free memory
         self.train(model.training)  # the SNN's mode (a library restores the mode it found: an eval SNN stays eval)
 
     @property
@@ -156,5 +157,22 @@ class EstimatorModule(nn.Module):
     def vjp(self, x: torch.Tensor, cotangent: torch.Tensor, seed: int) -> torch.Tensor:
         """The path's input gradient for J = <logits, cotangent> on the draw of ``seed``."""
         with torch.enable_grad(), self.pinned(x), encoder_seed(self.model, seed):
+            self.require_memory(x)
             grad, _ = self.source(x.detach(), cotangent.detach())
         return grad
+
+    def require_memory(self, x: torch.Tensor) -> None:
+        """Refuse a gradient pass over ``x`` (its EOT copies included) that would not fit
+        the free memory, once per row count (:func:`snnadv.memory.require`): its draws
+        come from one seed for the whole batch, so it is not split into pieces."""
+        rows = len(x)
+        if rows in self._fits:
+            return
+        from . import memory
+
+        m = self.model
+        kind = "alg1" if self.source.name.startswith("alg1") else "bptt"
+        chunk = m.chunk_steps or m.chunk_for(rows, m.num_steps, x.device.type)
+        memory.require(m, rows, m.num_steps, kind, min(chunk, m.num_steps), f"gradient path {self.name}",
+                       per_row=self.eot if self.batched else 1)
+        self._fits.add(rows)

@@ -28,15 +28,29 @@ estimate fits a budget; a training stage must keep its batch (the batch is part 
 the recipe), an attack or an evaluation is split into pieces of that batch.  When
 nothing fits it raises :class:`~snnadv.errors.SnnadvError` with the estimate.
 
+On a CPU (:func:`free_bytes`): the budget is 90 % of the system's available memory plus
+what this process's C heap holds free, up to the largest pass it already ran, and the estimate is multiplied by
+:data:`CPU_HEAP_FACTOR` while glibc keeps freed memory (:mod:`snnadv.runtime`, every
+``snnadv`` command): its heap fragments, and the resident memory of long runs was measured
+1.4-1.6 x the estimate.  ``SNNADV_MEMORY_LIMIT`` (GiB) caps the budget on any device, so
+two runs can share a machine.  An attack's input gradient (:meth:`snnadv.attacks.Attack.
+input_gradient`) is split into pieces that fit (keyed draws: the same result); the
+estimator module's batched EOT cannot be split without changing its draws, so a pass that
+would not fit is refused with the batch size that would (:func:`require`) before the
+kernel's OOM killer ends the run.
+
 ``snnadv doctor --memory`` prints the plan of every stage of the paper configs on an
 80 GiB budget (one H100/H200 80 GB-class GPU; :func:`snnadv.doctor.paper_plan`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +68,12 @@ PARAM_COPIES = {"ann-train": 3, "snn-train": 4, "alg1": 1, "bptt": 1, "infer": 1
 #: which kinds keep a batch as asked (training) and which may be split into pieces
 TRAINING = {"ann-train", "snn-train"}
 KINDS = tuple(PARAM_COPIES)
+#: resident bytes per estimated byte on a CPU whose C library keeps freed memory (the CLI's
+#: setting, :mod:`snnadv.runtime`): its heap fragments.  Measured on a 2-core Xeon, VGG5,
+#: peak resident growth over :func:`peak_bytes` after repeated calls: alg1 1.04-1.40, bptt
+#: 1.04-1.41, batched EOT 1.36; whole runs 1.43 (table stage, alg1, batch 128, T=128) and
+#: 1.56 (strong-cpu).  Without the setting the estimate is above the growth (0.66-0.74).
+CPU_HEAP_FACTOR = 1.6
 #: CIFAR-10/100 as uint8 on the device (50,000 + 10,000 images of 3 x 32 x 32)
 DATA_BYTES = 60_000 * 3 * 32 * 32
 
@@ -173,7 +193,9 @@ def peak_bytes(profile: Profile, batch: int, timesteps: int, chunk: int) -> int:
 
 def plan(profile: Profile, batch: int, timesteps: int, budget: int, device_type: str = "cuda") -> dict:
     """The largest batch <= ``batch`` (training: exactly ``batch``) and a chunk whose
-    estimate fits ``budget`` bytes: ``{"batch", "pieces", "chunk", "peak_bytes"}``."""
+    estimate (times :func:`allocator_factor` of ``device_type``) fits ``budget`` bytes:
+    ``{"batch", "pieces", "chunk", "peak_bytes"}``."""
+    factor = allocator_factor(device_type)
     batches = [batch] if profile.kind in TRAINING else sorted({batch, *[2 ** k for k in range(batch.bit_length())]},
                                                                reverse=True)
     for b in batches:
@@ -181,36 +203,164 @@ def plan(profile: Profile, batch: int, timesteps: int, budget: int, device_type:
             continue
         chunk = chunk_for(profile, b, timesteps, device_type)
         while True:
-            peak = peak_bytes(profile, b, timesteps, chunk)
+            peak = int(factor * peak_bytes(profile, b, timesteps, chunk))
             if peak <= budget or chunk == 1:
                 break
             chunk = max(1, chunk // 2)
         if peak <= budget:
             return {"batch": b, "pieces": math.ceil(batch / b), "chunk": chunk, "peak_bytes": peak}
     smallest = batches[-1]
-    need = peak_bytes(profile, smallest, timesteps, 1)
+    need = int(factor * peak_bytes(profile, smallest, timesteps, 1))
     what = "a training batch must stay whole" if profile.kind in TRAINING else "even one image does not fit"
     raise SnnadvError(f"{profile.arch} {profile.kind} at T={timesteps}, batch {smallest}: needs about "
                       f"{need / GiB:.1f} GiB, the budget is {budget / GiB:.1f} GiB ({what}); use a smaller "
                       f"--batch-size or T, or --precision bf16")
 
 
-def max_batch(model, batch: int, timesteps: int, kind: str, budget: int) -> int:
+def max_batch(model, batch: int, timesteps: int, kind: str, budget: int, device_type: str = "cuda") -> int:
     """The largest piece of ``batch`` images of ``model`` (an SNN) that fits ``budget``
-    bytes for ``kind`` (``alg1`` | ``bptt`` | ``infer``), measured on the model's
-    architecture (cached) and precision."""
+    bytes for ``kind`` (``alg1`` | ``bptt`` | ``infer``) on ``device_type``, measured on
+    the model's architecture (cached) and precision."""
     profile = _profile(model.spec, kind, model.precision)
-    return plan(profile, batch, timesteps, budget)["batch"]
+    chosen = plan(profile, batch, timesteps, budget, device_type)
+    grant(device_type, chosen["peak_bytes"])
+    return chosen["batch"]
+
+
+def allocator_factor(device_type: str) -> float:
+    """How much more than :func:`peak_bytes` a process holds on ``device_type``: on a CPU
+    whose C library keeps freed memory (:func:`snnadv.runtime.keep_freed_memory`, what
+    every ``snnadv`` command applies), :data:`CPU_HEAP_FACTOR`; else 1."""
+    from . import runtime
+
+    return CPU_HEAP_FACTOR if device_type == "cpu" and runtime.keep_freed_memory_applied() else 1.0
+
+
+def _available_bytes() -> int | None:
+    """The memory the system can give without swapping (psutil: ``MemAvailable`` on
+    Linux); None where psutil cannot tell."""
+    try:
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):
+        return None
+
+
+def heap_free_bytes() -> int:
+    """Bytes this process's C heap holds free for reuse (glibc's ``mallinfo2().fordblks``):
+    memory that counts as used for the system but that the next tensors get; 0 where
+    unknown (another C library, glibc < 2.33)."""
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")]
+
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = Mallinfo2
+    return int(fn().fordblks)
+
+
+def limit_bytes() -> int | None:
+    """``SNNADV_MEMORY_LIMIT`` (GiB) as bytes, None when unset; a bad value is an error."""
+    raw = os.environ.get("SNNADV_MEMORY_LIMIT", "").strip()
+    if not raw:
+        return None
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = float("nan")
+    if not (gib > 0 and math.isfinite(gib)):
+        raise SnnadvError(f"SNNADV_MEMORY_LIMIT={raw!r}: give the GiB this process may use, a positive number")
+    return int(gib * GiB)
+
+
+def _rss_bytes() -> int:
+    """This process's resident bytes (0 where psutil cannot tell)."""
+    try:
+        return int(psutil.Process().memory_info().rss)
+    except (OSError, RuntimeError, AttributeError, psutil.Error):
+        return 0
+
+
+#: the largest estimate (bytes) granted to a pass in this process, per device type
+_GRANTED: dict[str, int] = {}
+
+
+def grant(device_type: str, peak: int) -> None:
+    """Record that a pass estimated at ``peak`` bytes runs now (see :func:`free_bytes`)."""
+    _GRANTED[device_type] = max(_GRANTED.get(device_type, 0), int(peak))
+
+
+def _local_ranks() -> int:
+    """Processes that torchrun started on this machine (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """The memory an attack may plan with: 90 % of what the GPU has free (plus what
-    PyTorch holds cached); None on a CPU (batches are never split there)."""
-    if device.type != "cuda":
+    """The memory an attack may plan with, in bytes.
+
+    * CUDA: 90 % of what the GPU has free (plus what PyTorch holds cached).
+    * CPU: 90 % of the memory the system has available (psutil; ``MemAvailable`` on
+      Linux), shared equally by the processes torchrun started on this machine
+      (``LOCAL_WORLD_SIZE``), plus what this process's heap holds free (:func:`heap_free_bytes`), up to the largest estimate this process was
+      already granted (:func:`grant`): holes that a pass of that size left can hold it
+      again, while holes left by other work (decoding a data set) may be too small for its
+      tensors.  Where psutil cannot tell: None (batches are not split).
+
+    ``SNNADV_MEMORY_LIMIT=G`` (GiB) caps it at G minus what this process uses now (on a
+    CPU its resident memory less its free heap; on CUDA what PyTorch has allocated), so
+    that two runs can share one machine without the kernel's OOM killer ending either."""
+    limit = limit_bytes()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget, used = int(0.9 * (free + cached)), torch.cuda.memory_allocated(device)
+    elif device.type == "cpu":
+        available = _available_bytes()
+        if available is None:
+            return None if limit is None else max(0, limit - _rss_bytes())
+        held, ranks = heap_free_bytes(), _local_ranks()
+        reusable = min(held, _GRANTED.get(device.type, 0))
+        budget, used = int(0.9 * available / ranks) + reusable, max(0, _rss_bytes() - held)
+    else:
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(0.9 * (free + cached))
+    return budget if limit is None else max(0, min(budget, limit - used))
+
+
+def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, per_row: int = 1) -> None:
+    """Refuse, with the estimate and a batch size that fits, to run ``kind`` on ``rows``
+    rows of ``model`` (an SNN) at ``timesteps`` in chunks of ``chunk`` when that would not
+    fit :func:`free_bytes` (times :func:`allocator_factor`).  A pass that cannot be split
+    into pieces without changing its random draws calls this instead of splitting (the
+    estimator module's batched EOT).  ``per_row``: rows per image of the user's batch (its
+    EOT copies), for the batch size suggested."""
+    device = next(model.parameters()).device
+    budget = free_bytes(device)
+    if budget is None:
+        return
+    profile = _profile(model.spec, kind, model.precision)
+    factor = allocator_factor(device.type)
+
+    def need(r: int) -> int:
+        c = timesteps if chunk >= timesteps else chunk_for(profile, r, timesteps, device.type)
+        return int(factor * peak_bytes(profile, r, timesteps, c if r != rows else chunk))
+
+    if need(rows) <= budget:
+        grant(device.type, need(rows))
+        return
+    lo, hi = 0, rows // per_row - 1  # the largest batch of images below this one that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid * per_row) <= budget else (lo, mid - 1)
+    hint = f"--batch-size {lo} fits" if lo else "not even one image fits: lower T or use --precision bf16"
+    copies = f" x {per_row} EOT copies" if per_row > 1 else ""
+    raise SnnadvError(f"{what}: {rows // per_row} images{copies} at T={timesteps} need about "
+                      f"{need(rows) / GiB:.1f} GiB, {budget / GiB:.1f} GiB is free on {device.type}; {hint}")
 
 
 _PROFILES: dict = {}

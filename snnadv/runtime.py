@@ -54,6 +54,12 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def keep_freed_memory_applied() -> bool:
+    """Whether :func:`keep_freed_memory` is in effect in this process (the memory plan
+    counts the heap's fragmentation then: :data:`snnadv.memory.CPU_HEAP_FACTOR`)."""
+    return bool(_applied)
+
+
 def tf32_policy() -> dict:
     """Choose TF32 explicitly for CUDA: off by default, so fp32 on a GPU computes in
     fp32 as on the CPU (cuDNN's own default would run fp32 convolutions as TF32);

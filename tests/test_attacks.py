@@ -224,6 +224,31 @@ def test_cli_attack_json_and_errors(tiny_models, shared_data, tmp_path, capsys):
         assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
 
 
+def test_cli_attack_that_would_not_fit_the_memory_is_one_line_and_writes_nothing(tiny_models, shared_data,
+                                                                                tmp_path, capsys, monkeypatch):
+    """An SNN gradient that would not fit ``SNNADV_MEMORY_LIMIT`` (or the free memory) is
+    refused with the estimate instead of being ended by the kernel's OOM killer; a bad
+    limit is refused before anything runs."""
+    from snnadv.cli.main import main
+
+    out = tmp_path / "atk.json"
+    args = ["attack", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--test-subset", "10",
+            "--source", "snn-bp", "--source-ckpt", str(tiny_models["snn_bp"]), "--attack", "fgsm",
+            "--out", str(out)]
+    monkeypatch.setenv("SNNADV_MEMORY_LIMIT", "0.0001")
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "GiB" in err and "does not fit" in err, err
+    assert not out.exists()
+    monkeypatch.setenv("SNNADV_MEMORY_LIMIT", "lots")
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "SNNADV_MEMORY_LIMIT='lots'" in err, err
+    monkeypatch.delenv("SNNADV_MEMORY_LIMIT")
+    assert main(args) == 0 and out.exists()
+
+
 def test_cli_attack_rejects_mixed_datasets(tiny_models, tmp_path, capsys, shared_data):
     """A source trained on another dataset than the target: one-line error."""
     import torch as _t

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import psutil
 import torch
 
-from snnadv import doctor
+from snnadv import doctor, memory
 
 
 def test_doctor_cli_on_the_cpu_writes_json(tmp_path, capsys):
@@ -20,7 +21,11 @@ def test_doctor_cli_on_the_cpu_writes_json(tmp_path, capsys):
     check = report["checks"]["fused network vs step-by-step reference"]
     assert check["ok"] and check["scan"]["forward:torch"] > 0 and check["scan"]["backward:torch"] > 0
     assert report["tf32"] == {"tf32_matmul": False, "tf32_cudnn": False}
+    plan = report["memory_plan"]  # the CLI keeps freed memory: the plan counts the heap's fragmentation
+    assert plan["allocator_factor"] == (memory.CPU_HEAP_FACTOR if report["keep_freed_memory"] else 1.0)
+    assert 0 < plan["free_bytes"] < psutil.virtual_memory().total
     printed = capsys.readouterr().out
+    assert plan["line"] in printed
     assert "check: fused network vs step-by-step reference: ok" in printed and "saved" in printed
     assert all(set(p) == {"problem", "fix"} for p in report["problems"])
 

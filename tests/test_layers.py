@@ -24,10 +24,10 @@ ROOTS = {"snnadv": REPO / "snnadv", "snnadv.cli": REPO / "cli"}
 #: the computation core: modules, or packages (every module in them)
 CORE = ("neurons", "surrogates", "kernels", "encoding", "models", "conversion", "training", "attacks", "gradients",
         "evaluation", "stats", "registry", "errors", "batching", "values", "masking", "memory", "parallel",
-        "estimator", "sharpness", "paths", "eot", "comparison")
+        "estimator", "sharpness", "paths", "eot", "comparison", "runtime")
 #: the experiment layer: configs, files, printing, the stages and the command line
 EXPERIMENT = ("config", "checkpoint", "outputs", "report", "data", "train", "convert", "robustness", "adaptive",
-              "reproduce", "analysis", "bench", "protocol_cost", "doctor", "cuda_checks", "runtime", "paper", "atomic", "cli")
+              "reproduce", "analysis", "bench", "protocol_cost", "doctor", "cuda_checks", "paper", "atomic", "cli")
 
 #: what the core must not do: calls, attributes and imports
 FORBIDDEN_CALLS = ("print", "open")

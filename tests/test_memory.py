@@ -72,3 +72,128 @@ def test_every_stage_of_the_vgg5_paper_config_fits_80_gib():
     assert len(rows) == len(doctor.PAPER_STAGES)
     assert all("error" not in r and r["peak_bytes"] <= 80 * memory.GiB for r in rows), rows
     assert "| vgg5_cifar10 | table: attack SNN-conv, alg1 | 2500 | 64 |" in doctor.format_plan(rows, 80 * memory.GiB)
+
+
+# ----------------------------------------------------------------- the plan on a CPU
+G = memory.GiB
+
+
+def test_free_bytes_on_a_cpu_is_available_memory_plus_the_free_heap_capped_by_the_limit(monkeypatch):
+    """0.9 x MemAvailable + the heap's free bytes up to the largest pass already granted;
+    ``SNNADV_MEMORY_LIMIT`` caps it at the limit less what this process holds live; a bad
+    limit is one clear error."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory, "_available_bytes", lambda: 10 * G)
+    monkeypatch.setattr(memory, "heap_free_bytes", lambda: 1 * G)
+    monkeypatch.setattr(memory, "_rss_bytes", lambda: 3 * G)
+    monkeypatch.setattr(memory, "_GRANTED", {})
+    monkeypatch.delenv("SNNADV_MEMORY_LIMIT", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory.free_bytes(cpu) == int(0.9 * 10 * G)        # holes left by other work do not count
+    memory.grant("cpu", G // 2)
+    assert memory.free_bytes(cpu) == int(0.9 * 10 * G) + G // 2
+    memory.grant("cuda", 5 * G)
+    memory.grant("cpu", 3 * G)                                # a pass as large as the holes: all count
+    assert memory.free_bytes(cpu) == int(0.9 * 10 * G) + G
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")               # four torchrun ranks share the machine
+    assert memory.free_bytes(cpu) == int(0.9 * 10 * G / 4) + G
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SNNADV_MEMORY_LIMIT", "4")
+    assert memory.free_bytes(cpu) == 4 * G - (3 * G - G)      # 2 GiB live: 2 GiB left under 4
+    monkeypatch.setenv("SNNADV_MEMORY_LIMIT", "1.5")
+    assert memory.free_bytes(cpu) == 0
+    for bad in ("x", "0", "-2", "nan", "inf"):
+        monkeypatch.setenv("SNNADV_MEMORY_LIMIT", bad)
+        with pytest.raises(SnnadvError, match="SNNADV_MEMORY_LIMIT"):
+            memory.free_bytes(cpu)
+    monkeypatch.setattr(memory, "_available_bytes", lambda: None)  # unknown: no plan without a limit
+    monkeypatch.delenv("SNNADV_MEMORY_LIMIT")
+    assert memory.free_bytes(cpu) is None
+    monkeypatch.setenv("SNNADV_MEMORY_LIMIT", "4")
+    assert memory.free_bytes(cpu) == 1 * G                    # 4 GiB less the 3 GiB resident
+
+
+def test_the_free_heap_counts_memory_freed_inside_the_heap():
+    """Chunks freed between live ones stay in glibc's heap: ``heap_free_bytes`` sees them."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    blocks = [bytearray(64 * 1024) for _ in range(400)]       # below glibc's mmap threshold
+    before = memory.heap_free_bytes()
+    del blocks[::2]                                           # 200 holes of 64 KiB
+    assert memory.heap_free_bytes() - before >= 100 * 64 * 1024
+    del blocks
+
+
+def test_on_a_cpu_that_keeps_freed_memory_the_plan_counts_the_heaps_fragmentation(monkeypatch):
+    from snnadv import runtime
+
+    prof = memory.measure(get_spec("tiny", 10), "alg1")
+    monkeypatch.setattr(runtime, "_applied", True)
+    assert memory.allocator_factor("cpu") == memory.CPU_HEAP_FACTOR > 1
+    assert memory.allocator_factor("cuda") == 1.0
+    peak = memory.peak_bytes(prof, 8, 16, 16)
+    assert memory.plan(prof, 8, 16, 10 ** 12, "cpu")["peak_bytes"] == int(memory.CPU_HEAP_FACTOR * peak)
+    on_cpu, on_cuda = memory.plan(prof, 8, 16, peak, "cpu"), memory.plan(prof, 8, 16, peak, "cuda")
+    assert on_cuda == {"batch": 8, "pieces": 1, "chunk": 16, "peak_bytes": peak}
+    assert on_cpu["peak_bytes"] <= peak and (on_cpu["batch"], on_cpu["chunk"]) < (8, 16)  # smaller pieces
+    monkeypatch.setattr(runtime, "_applied", False)
+    assert memory.allocator_factor("cpu") == 1.0
+
+
+def _estimator(eot=4):
+    from snnadv.estimator import EstimatorModule
+
+    torch.manual_seed(0)
+    snn = SNN(get_spec("tiny", 10), num_steps=6, leak=0.95).eval()
+    snn.set_thresholds({n: 0.3 for n in snn.neuron_names})
+    return snn, EstimatorModule(snn, "alg1", eot=eot, batched=True, generator=torch.Generator().manual_seed(1))
+
+
+def _input_grad(est, x, y):
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(est(x), y).backward()
+    return x.grad
+
+
+def test_a_batched_eot_gradient_that_does_not_fit_is_refused_with_a_batch_that_does(monkeypatch):
+    """The estimator's batched EOT draws all copies from one seed, so it is not split: a
+    batch whose pass would not fit is refused, naming the estimate and the largest batch
+    that fits; that batch runs.  With room, the check changes nothing (same gradient)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    snn, est = _estimator()
+    monkeypatch.setattr(memory, "free_bytes", lambda device: None)
+    free = _input_grad(est, x, y)
+    snn, est = _estimator()
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 10 ** 12)
+    monkeypatch.setattr(memory, "_GRANTED", {})
+    assert torch.equal(_input_grad(est, x, y), free)
+    prof = memory._profile(snn.spec, "alg1", "fp32")  # the pass is granted: its holes count next time
+    assert memory._GRANTED["cpu"] == int(memory.allocator_factor("cpu") * memory.peak_bytes(prof, 32, 6, 6))
+
+    budget = memory.peak_bytes(prof, 3 * 4, 6, memory.chunk_for(prof, 3 * 4, 6, "cpu")) \
+        * memory.allocator_factor("cpu")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(budget) + 1)
+    snn, est = _estimator()
+    with pytest.raises(SnnadvError, match=r"8 images x 4 EOT copies at T=6 need about .* GiB, .* --batch-size 3 fits"):
+        _input_grad(est, x, y)
+    _input_grad(est, x[:3], y[:3])
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    _, est = _estimator()
+    with pytest.raises(SnnadvError, match="not even one image fits"):
+        _input_grad(est, x[:1], y[:1])
+
+
+def test_an_attacks_pieces_count_its_batched_eot_copies(monkeypatch):
+    from snnadv.attacks import FGSM
+    from snnadv.eot import BatchedEOT
+    from snnadv.gradients import make_gradient
+
+    snn, _ = _estimator()
+    prof = memory._profile(snn.spec, "alg1", "fp32")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: memory.plan(prof, 4, 6, 10 ** 12, "cpu")["peak_bytes"])
+    x = torch.rand(8, 3, 32, 32)
+    assert FGSM(snn, 8 / 255, gradient=make_gradient(snn, "alg1")).piece_size(x) == 4
+    assert FGSM(snn, 8 / 255, gradient=BatchedEOT(make_gradient(snn, "alg1"), 2, snn)).piece_size(x) == 2

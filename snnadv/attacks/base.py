@@ -191,15 +191,20 @@ class Attack:
 
     def piece_size(self, x: torch.Tensor) -> int:
         """Images per gradient call: the whole batch, unless an SNN's gradient at its T
-        would not fit the device's free memory (:func:`snnadv.memory.free_bytes`)."""
+        (with its batched EOT copies) would not fit the free memory
+        (:func:`snnadv.memory.free_bytes`; keyed draws make the pieces' result the
+        whole batch's)."""
         from .. import memory
+        from ..eot import BatchedEOT
         from ..models import SNN
 
         budget = memory.free_bytes(x.device)
         if budget is None or not isinstance(self.model, SNN):
             return len(x)
         kind = "alg1" if getattr(self.gradient, "name", "").startswith("alg1") else "bptt"
-        return memory.max_batch(self.model, len(x), self.model.num_steps, kind, budget)
+        copies = self.gradient.m if isinstance(self.gradient, BatchedEOT) else 1
+        rows = memory.max_batch(self.model, len(x) * copies, self.model.num_steps, kind, budget, x.device.type)
+        return max(1, rows // copies)
 
 
 def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, advance=None,
