@@ -334,13 +334,15 @@ def free_bytes(device: torch.device) -> int | None:
     return budget if limit is None else max(0, min(budget, limit - used))
 
 
-def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, per_row: int = 1) -> None:
+def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, per_row: int = 1,
+            training: bool = False) -> None:
     """Refuse, with the estimate and a batch size that fits, to run ``kind`` on ``rows``
     rows of ``model`` (an SNN) at ``timesteps`` in chunks of ``chunk`` when that would not
     fit :func:`free_bytes` (times :func:`allocator_factor`).  A pass that cannot be split
     into pieces without changing its random draws calls this instead of splitting (the
     estimator module's batched EOT).  ``per_row``: rows per image of the user's batch (its
-    EOT copies), for the batch size suggested."""
+    EOT copies), for the batch size suggested; ``training``: the batch is part of the recipe,
+    and the line says so."""
     device = next(model.parameters()).device
     budget = free_bytes(device)
     if budget is None:
@@ -360,6 +362,8 @@ def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, 
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if need(mid * per_row) <= budget else (lo, mid - 1)
     hint = f"--batch-size {lo} fits" if lo else "not even one image fits: lower T or use --precision bf16"
+    if training and lo:
+        hint = f"a training batch is not split: --batch-size {lo} fits (another recipe), or lower T, or --precision bf16"
     copies = f" x {per_row} EOT copies" if per_row > 1 else ""
     raise SnnadvError(f"{what}: {rows // per_row} images{copies} at T={timesteps} need about "
                       f"{need(rows) / GiB:.1f} GiB, {budget / GiB:.1f} GiB is free on {device.type}; {hint}")

@@ -240,6 +240,21 @@ def _batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
 SYNC_EVERY = {"cpu": 1, "cuda": 20}
 
 
+def _require_memory(net, batch: int) -> bool:
+    """Refuse to fine-tune an SNN on batches of ``batch`` images that would not fit the free
+    memory (:func:`snnadv.memory.require`; a training batch is not split), before the
+    kernel's OOM killer ends the run; an ANN is not checked.  Returns True."""
+    from . import memory
+    from .models import SNN
+
+    if isinstance(net, SNN):
+        with torch.enable_grad():
+            chunk = net.chunk_for(batch, net.num_steps, next(net.parameters()).device.type)
+        memory.require(net, batch, net.num_steps, "snn-train", min(chunk, net.num_steps), "fine-tuning",
+                       training=True)
+    return True
+
+
 def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accuracy: Callable, *, optimizer,
         scheduler, settings: FitSettings, train_size: int, device, resume: dict | None = None,
         hooks: FitHooks | None = None) -> list[dict]:
@@ -284,6 +299,7 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
         if hooks.resumed:
             hooks.resumed(start)
     steps_per_epoch = math.ceil(train_size / s.batch_size)
+    fits = False  # the first batch's memory is checked (an SNN: :func:`_require_memory`)
     sync_every = SYNC_EVERY.get(torch.device(device).type, 20)
     for epoch in range(start, s.epochs):
         model.train()
@@ -313,10 +329,14 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
                     torch.manual_seed(_batch_seed(s.seed, epoch, i, w.rank))  # its dropout and encoder draws
                     part = shard(batch, w)
                     x, y = x[part], y[part]
+                    if not fits:
+                        fits = _require_memory(net, len(x))
                     out = model(x)
                     loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing, reduction="sum") * (w.size / batch)
                     loss_dev += loss.detach() * (batch / w.size)  # this rank's sum of CE
                 else:
+                    if not fits:
+                        fits = _require_memory(net, len(x))
                     out = model(x)
                     loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
                     loss_dev += loss.detach() * batch

@@ -249,6 +249,22 @@ def test_cli_attack_that_would_not_fit_the_memory_is_one_line_and_writes_nothing
     assert main(args) == 0 and out.exists()
 
 
+def test_cli_finetune_that_would_not_fit_the_memory_is_one_line_and_writes_nothing(tiny_models, shared_data,
+                                                                                  tmp_path, capsys, monkeypatch):
+    """A fine-tuning batch is not split: one that would not fit is refused at the first
+    batch, in one line with the estimate, and no checkpoint is written."""
+    from snnadv.cli.main import main
+
+    out = tmp_path / "bp.pt"
+    monkeypatch.setenv("SNNADV_MEMORY_LIMIT", "0.0001")
+    assert main(["finetune", "--data-dir", str(shared_data), "--device", "cpu", "--quiet", "--checkpoint",
+                 str(tiny_models["snn_conv"]), "--timesteps", "4", "--epochs", "1", "--train-subset", "64",
+                 "--test-subset", "20", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "fine-tuning: " in err and "GiB" in err, err
+    assert not out.exists()
+
+
 def test_cli_attack_rejects_mixed_datasets(tiny_models, tmp_path, capsys, shared_data):
     """A source trained on another dataset than the target: one-line error."""
     import torch as _t

@@ -197,3 +197,17 @@ def test_an_attacks_pieces_count_its_batched_eot_copies(monkeypatch):
     x = torch.rand(8, 3, 32, 32)
     assert FGSM(snn, 8 / 255, gradient=make_gradient(snn, "alg1")).piece_size(x) == 4
     assert FGSM(snn, 8 / 255, gradient=BatchedEOT(make_gradient(snn, "alg1"), 2, snn)).piece_size(x) == 2
+
+
+def test_a_training_batch_that_does_not_fit_is_refused_saying_it_is_not_split(monkeypatch):
+    from snnadv.training import _require_memory
+
+    snn, _ = _estimator()
+    snn.train()
+    prof = memory._profile(snn.spec, "snn-train", "fp32")
+    budget = memory.allocator_factor("cpu") * memory.peak_bytes(prof, 4, 6, memory.chunk_for(prof, 4, 6, "cpu"))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(budget) + 1)
+    assert _require_memory(snn, 4)
+    with pytest.raises(SnnadvError, match=r"fine-tuning: 16 images at T=6 need .* a training batch is not split: "
+                                          r"--batch-size 4 fits"):
+        _require_memory(snn, 16)
