@@ -121,6 +121,7 @@ class EstimatorModule(nn.Module):
         return f"{self.source.name}+eot{self.eot}" if self.eot > 1 else self.source.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.require_memory(x)
         n = 1 if self.batched else self.eot
         seeds = [int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) for _ in range(n)]
         self.last_seeds = seeds
@@ -157,22 +158,24 @@ class EstimatorModule(nn.Module):
     def vjp(self, x: torch.Tensor, cotangent: torch.Tensor, seed: int) -> torch.Tensor:
         """The path's input gradient for J = <logits, cotangent> on the draw of ``seed``."""
         with torch.enable_grad(), self.pinned(x), encoder_seed(self.model, seed):
-            self.require_memory(x)
             grad, _ = self.source(x.detach(), cotangent.detach())
         return grad
 
     def require_memory(self, x: torch.Tensor) -> None:
-        """Refuse a gradient pass over ``x`` (its EOT copies included) that would not fit
-        the free memory, once per row count (:func:`snnadv.memory.require`): its draws
-        come from one seed for the whole batch, so it is not split into pieces."""
-        rows = len(x)
+        """Refuse the passes over ``x`` (with its EOT copies when batched) that would not fit
+        the free memory, once per batch size (:func:`snnadv.memory.require`): their draws
+        come from one seed for the whole batch, so they are not split into pieces.  Asked
+        before the forward pass, whose chunks are the gradient pass's (:meth:`pinned`: at
+        T=32 and 172 rows a no-graph forward of ~3 GiB), for the gradient pass's estimate."""
+        rows = len(x) * (self.eot if self.batched else 1)
         if rows in self._fits:
             return
         from . import memory
 
         m = self.model
         kind = "alg1" if self.source.name.startswith("alg1") else "bptt"
-        chunk = m.chunk_steps or m.chunk_for(rows, m.num_steps, x.device.type)
-        memory.require(m, rows, m.num_steps, kind, min(chunk, m.num_steps), f"gradient path {self.name}",
+        with self.pinned(x[:1].expand(rows, *x.shape[1:])):  # (a view: only its size is read)
+            chunk = min(m.chunk_steps, m.num_steps) if m.chunk_steps else m.num_steps
+        memory.require(m, rows, m.num_steps, kind, chunk, f"gradient path {self.name}",
                        per_row=self.eot if self.batched else 1)
         self._fits.add(rows)
