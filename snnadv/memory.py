@@ -71,9 +71,9 @@ KINDS = tuple(PARAM_COPIES)
 #: resident bytes per estimated byte on a CPU whose C library keeps freed memory (the CLI's
 #: setting, :mod:`snnadv.runtime`): its heap fragments.  Measured on a 2-core Xeon, VGG5,
 #: peak resident growth over :func:`peak_bytes` after repeated calls: alg1 1.04-1.40, bptt
-#: 1.04-1.41, batched EOT 1.36; whole runs, resident memory less the 0.8 GiB base: 1.43,
-#: 1.47 and 1.71 (three runs of the medium table stage's crafting, alg1, batch 128, T=128,
-#: the last OOM-killed at 19.7 GB) and 1.56 (strong-cpu).  2 leaves a margin over the worst.
+#: 1.04-1.41, batched EOT 1.36; whole runs, resident memory less the 0.8 GiB base: 1.49,
+#: 1.52 and 1.71 (three runs of the medium table stage's crafting, alg1, batch 128, T=128,
+#: at their OOM kills: 16.4-18.75 GiB) and 1.56 (strong-cpu).  2 leaves a margin over the worst.
 #: Without the setting the estimate is above the growth (0.66-0.74).
 CPU_HEAP_FACTOR = 2.0
 #: CIFAR-10/100 as uint8 on the device (50,000 + 10,000 images of 3 x 32 x 32)
