@@ -173,9 +173,8 @@ class EstimatorModule(nn.Module):
         from . import memory
 
         m = self.model
-        kind = "alg1" if self.source.name.startswith("alg1") else "bptt"
         with self.pinned(x[:1].expand(rows, *x.shape[1:])):  # (a view: only its size is read)
             chunk = min(m.chunk_steps, m.num_steps) if m.chunk_steps else m.num_steps
-        memory.require(m, rows, m.num_steps, kind, chunk, f"gradient path {self.name}",
-                       per_row=self.eot if self.batched else 1)
+        memory.require(m, rows, m.num_steps, memory.gradient_kind(self.source), chunk,
+                       f"gradient path {self.name}", per_row=self.eot if self.batched else 1)
         self._fits.add(rows)

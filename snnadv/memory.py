@@ -54,6 +54,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .errors import SnnadvError
 from .models.spec import ArchSpec
 
@@ -229,12 +230,16 @@ def max_batch(model, batch: int, timesteps: int, kind: str, budget: int, device_
     return chosen["batch"]
 
 
+def gradient_kind(source) -> str:
+    """The stage kind whose profile a gradient source's pass is estimated with: ``alg1``
+    for Algorithm 1 (and its EOT), ``bptt`` for every other path."""
+    return "alg1" if getattr(source, "name", "").startswith("alg1") else "bptt"
+
+
 def allocator_factor(device_type: str) -> float:
     """How much more than :func:`peak_bytes` a process holds on ``device_type``: on a CPU
     whose C library keeps freed memory (:func:`snnadv.runtime.keep_freed_memory`, what
     every ``snnadv`` command applies), :data:`CPU_HEAP_FACTOR`; else 1."""
-    from . import runtime
-
     return CPU_HEAP_FACTOR if device_type == "cpu" and runtime.keep_freed_memory_applied() else 1.0
 
 
@@ -247,21 +252,32 @@ def _available_bytes() -> int | None:
         return None
 
 
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+
+def _find_mallinfo2():
+    """glibc's ``mallinfo2`` (looked up once), or None (another C library, glibc < 2.33)."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    return fn
+
+
+_MALLINFO2 = _find_mallinfo2()
+
+
 def heap_free_bytes() -> int:
     """Bytes this process's C heap holds free for reuse (glibc's ``mallinfo2().fordblks``):
     memory that counts as used for the system but that the next tensors get; 0 where
     unknown (another C library, glibc < 2.33)."""
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                     "uordblks", "fordblks", "keepcost")]
-
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return 0
-    fn.restype = Mallinfo2
-    return int(fn().fordblks)
+    return int(_MALLINFO2().fordblks) if _MALLINFO2 is not None else 0
 
 
 def limit_bytes() -> int | None:
@@ -309,10 +325,10 @@ def free_bytes(device: torch.device) -> int | None:
     * CUDA: 90 % of what the GPU has free (plus what PyTorch holds cached).
     * CPU: 90 % of the memory the system has available (psutil; ``MemAvailable`` on
       Linux), shared equally by the processes torchrun started on this machine
-      (``LOCAL_WORLD_SIZE``), plus what this process's heap holds free (:func:`heap_free_bytes`), up to the largest estimate this process was
-      already granted (:func:`grant`): holes that a pass of that size left can hold it
-      again, while holes left by other work (decoding a data set) may be too small for its
-      tensors.  Where psutil cannot tell: None (batches are not split).
+      (``LOCAL_WORLD_SIZE``), plus what this process's heap holds free
+      (:func:`heap_free_bytes`) up to the largest estimate this process was already granted
+      (:func:`grant`): holes that a pass of that size left can hold it again, while holes
+      left by other work (decoding a data set) may be too small for its tensors.  Where psutil cannot tell: None (batches are not split).
 
     ``SNNADV_MEMORY_LIMIT=G`` (GiB) caps it at G minus what this process uses now (on a
     CPU its resident memory less its free heap; on CUDA what PyTorch has allocated), so
@@ -321,17 +337,20 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget, used = int(0.9 * (free + cached)), torch.cuda.memory_allocated(device)
+        budget = int(0.9 * (free + cached))
     elif device.type == "cpu":
         available = _available_bytes()
         if available is None:
             return None if limit is None else max(0, limit - _rss_bytes())
-        held, ranks = heap_free_bytes(), _local_ranks()
-        reusable = min(held, _GRANTED.get(device.type, 0))
-        budget, used = int(0.9 * available / ranks) + reusable, max(0, _rss_bytes() - held)
+        held = heap_free_bytes()
+        budget = int(0.9 * available / _local_ranks()) + min(held, _GRANTED.get(device.type, 0))
     else:
         return None
-    return budget if limit is None else max(0, min(budget, limit - used))
+    if limit is None:
+        return budget
+    # the process's live bytes (read only under a limit: this runs before every gradient call)
+    used = torch.cuda.memory_allocated(device) if device.type == "cuda" else max(0, _rss_bytes() - held)
+    return max(0, min(budget, limit - used))
 
 
 def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, per_row: int = 1,
@@ -349,24 +368,25 @@ def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, 
         return
     profile = _profile(model.spec, kind, model.precision)
     factor = allocator_factor(device.type)
-
-    def need(r: int) -> int:
-        c = timesteps if chunk >= timesteps else chunk_for(profile, r, timesteps, device.type)
-        return int(factor * peak_bytes(profile, r, timesteps, c if r != rows else chunk))
-
-    if need(rows) <= budget:
-        grant(device.type, need(rows))
+    peak = int(factor * peak_bytes(profile, rows, timesteps, chunk))
+    if peak <= budget:
+        grant(device.type, peak)
         return
+
+    def fits(r: int) -> bool:  # r rows, chunked as the pass would chunk them (one chunk stays one)
+        c = timesteps if chunk >= timesteps else chunk_for(profile, r, timesteps, device.type)
+        return int(factor * peak_bytes(profile, r, timesteps, c)) <= budget
+
     lo, hi = 0, rows // per_row - 1  # the largest batch of images below this one that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if need(mid * per_row) <= budget else (lo, mid - 1)
+        lo, hi = (mid, hi) if fits(mid * per_row) else (lo, mid - 1)
     hint = f"--batch-size {lo} fits" if lo else "not even one image fits: lower T or use --precision bf16"
     if training and lo:
         hint = f"a training batch is not split: --batch-size {lo} fits (another recipe), or lower T, or --precision bf16"
     copies = f" x {per_row} EOT copies" if per_row > 1 else ""
     raise SnnadvError(f"{what}: {rows // per_row} images{copies} at T={timesteps} need about "
-                      f"{need(rows) / GiB:.1f} GiB, {budget / GiB:.1f} GiB is free on {device.type}; {hint}")
+                      f"{peak / GiB:.1f} GiB, {budget / GiB:.1f} GiB is free on {device.type}; {hint}")
 
 
 _PROFILES: dict = {}

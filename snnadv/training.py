@@ -329,15 +329,13 @@ def fit(model, epoch_batches: Callable[[torch.Generator], Iterable], test_accura
                     torch.manual_seed(_batch_seed(s.seed, epoch, i, w.rank))  # its dropout and encoder draws
                     part = shard(batch, w)
                     x, y = x[part], y[part]
-                    if not fits:
-                        fits = _require_memory(net, len(x))
-                    out = model(x)
+                if not fits:
+                    fits = _require_memory(net, len(x))
+                out = model(x)
+                if w.distributed:
                     loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing, reduction="sum") * (w.size / batch)
                     loss_dev += loss.detach() * (batch / w.size)  # this rank's sum of CE
                 else:
-                    if not fits:
-                        fits = _require_memory(net, len(x))
-                    out = model(x)
                     loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
                     loss_dev += loss.detach() * batch
                 optimizer.zero_grad(set_to_none=True)

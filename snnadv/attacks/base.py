@@ -201,7 +201,7 @@ class Attack:
         budget = memory.free_bytes(x.device)
         if budget is None or not isinstance(self.model, SNN):
             return len(x)
-        kind = "alg1" if getattr(self.gradient, "name", "").startswith("alg1") else "bptt"
+        kind = memory.gradient_kind(self.gradient)
         copies = self.gradient.m if isinstance(self.gradient, BatchedEOT) else 1
         rows = memory.max_batch(self.model, len(x) * copies, self.model.num_steps, kind, budget, x.device.type)
         return max(1, rows // copies)
