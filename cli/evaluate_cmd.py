@@ -30,6 +30,9 @@ from .options import RegistryChoice, common_options, flags
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Protocols: PGD keeps each image's best iterate and drops the image once adversarial "
                    "(default: the protocol's; on for strong and quick, off for paper).")
+@click.option("--sharpness-images", type=int,
+              help="Protocols with the sharpness search (strong, strong-cpu): held-out training images it "
+                   "runs on (default: the protocol's, 32).")
 @click.option("--eps", help="L-inf budget(s), one or a comma-separated list, e.g. 2/255,8/255,64/255 (default 8/255).")
 @click.option("--eot", type=int, help="Encoder draws averaged per gradient step (EOT; 1 = the paper; default 4).")
 @click.option("--eval-draws", type=int, help="Encoder draws an SNN's accuracy is averaged over (default 4).")

@@ -94,7 +94,7 @@ STAGES = {
     },
     "evaluate": {  # adaptive attacks, expected accuracy, masking checks (snnadv.adaptive)
         "target_ckpt": None, "suite": "full", "protocol": None, "chunk": None, "cascade": True, "early_exit": None,
-        "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
+        "sharpness_images": None, "eps": "8/255", "eot": 4, "eval_draws": 4, "paths": "all",
         "steps": 20, "restarts": 2, "alpha": None, "apgd_steps": 20, "square_queries": 1000,
         "sweep_eps": "0,2/255,4/255,8/255,16/255,32/255,64/255", "sweep_steps": 20, "slope": 5.0,
         "library": True, "flag_tol": None, "zero_tol": 5.0, "stat_images": 64, "timesteps": None,
@@ -128,7 +128,8 @@ LATE_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "nesterov": False, "sc
                  # the table's attacks: a tuple, so the analyses' "fgsm,pgd" string or list stays in their keys
                  "attacks": ("fgsm", "pgd"),
                  # evaluate's protocols (snnadv.attacks.protocols)
-                 "protocol": None, "chunk": None, "cascade": True, "early_exit": None, "protocol_attacks": None}
+                 "protocol": None, "chunk": None, "cascade": True, "early_exit": None, "protocol_attacks": None,
+                 "sharpness_images": None}
 
 #: late defaults of one stage only (``settings["stage"]``): keys that other stages have
 #: always had in their keys (``attack``'s and ``analyze``'s ``source_ckpt``)
@@ -450,7 +451,7 @@ SCHEMA: dict = {
     "protocol": Setting("choice", choices=tuple(PROTOCOLS), optional=True),
     "protocol_attacks": Setting("names", optional=True), "source_timesteps": _T,
     "chunk": Setting("int", 1, MAX_IMAGES, optional=True), "cascade": _BOOL,
-    "early_exit": Setting("bool", optional=True),
+    "early_exit": Setting("bool", optional=True), "sharpness_images": Setting("int", 1, MAX_IMAGES, optional=True),
     "restarts": _STEPS, "apgd_steps": _STEPS, "square_queries": _STEPS,
     "sweep_eps": Setting("fractions", 0, 1, as_list=False),
     "sweep_steps": _STEPS, "slope": _POS(1e6), "library": _BOOL,

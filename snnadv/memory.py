@@ -354,14 +354,14 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, per_row: int = 1,
-            training: bool = False) -> None:
+            training: bool = False, option: str = "--batch-size") -> None:
     """Refuse, with the estimate and a batch size that fits, to run ``kind`` on ``rows``
     rows of ``model`` (an SNN) at ``timesteps`` in chunks of ``chunk`` when that would not
     fit :func:`free_bytes` (times :func:`allocator_factor`).  A pass that cannot be split
     into pieces without changing its random draws calls this instead of splitting (the
     estimator module's batched EOT).  ``per_row``: rows per image of the user's batch (its
     EOT copies), for the batch size suggested; ``training``: the batch is part of the recipe,
-    and the line says so."""
+    and the line says so; ``option``: the setting whose smaller value the line suggests."""
     device = next(model.parameters()).device
     budget = free_bytes(device)
     if budget is None:
@@ -381,7 +381,7 @@ def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, 
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid * per_row) else (lo, mid - 1)
-    hint = f"--batch-size {lo} fits" if lo else "not even one image fits: lower T or use --precision bf16"
+    hint = f"{option} {lo} fits" if lo else "not even one image fits: lower T or use --precision bf16"
     if training and lo:
         hint = f"a training batch is not split: --batch-size {lo} fits (another recipe), or lower T, or --precision bf16"
     copies = f" x {per_row} EOT copies" if per_row > 1 else ""

@@ -135,6 +135,7 @@ FLAG_CASES = [
     (["evaluate"], ["--eps", "2/255,x"], ["--eps"]),
     (["evaluate"], ["--slope", "-5"], ["--slope"]),
     (["evaluate"], ["--restarts", "0"], ["--restarts"]),
+    (["evaluate", "--protocol", "strong-cpu"], ["--sharpness-images", "0"], ["--sharpness-images"]),
     (["analyze", "eq7"], ["--threshold", "0"], ["--threshold"]),
     (["analyze", "eq7"], ["--threshold", "nan"], ["--threshold"]),
     (["analyze", "eq7"], ["--points", "0"], ["--points"]),

@@ -211,3 +211,34 @@ def test_a_training_batch_that_does_not_fit_is_refused_saying_it_is_not_split(mo
     with pytest.raises(SnnadvError, match=r"fine-tuning: 16 images at T=6 need .* a training batch is not split: "
                                           r"--batch-size 4 fits"):
         _require_memory(snn, 16)
+
+
+def test_a_sharpness_search_that_does_not_fit_is_refused_naming_the_held_out_images_that_do(monkeypatch):
+    """The search's FGSM gradients run on the whole held-out batch under fixed draws (not
+    split): too many images are refused before any work with the ``--sharpness-images``
+    that fits; the protocol setting overrides the preset's 32, and that many then run."""
+    from snnadv.attacks import protocols
+    from snnadv.attacks.run_protocol import protocol_attacks
+    from snnadv.sharpness import search_sharpness
+
+    snn, _ = _estimator()
+    g = torch.Generator().manual_seed(0)
+    hx, hy = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    prof = memory._profile(snn.spec, "bptt", "fp32")
+    budget = memory.allocator_factor("cpu") * memory.peak_bytes(prof, 3, 6, memory.chunk_for(prof, 3, 6, "cpu"))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(budget) + 1)
+    searched = []
+    monkeypatch.setattr("snnadv.sharpness.search_sharpness",
+                        lambda *a, **k: searched.append(len(a[1])) or search_sharpness(*a, **k))
+    strong = protocols.resolve_protocol("strong-cpu", {"attacks": "fgsm"})
+    assert strong.sharpness_images == 32
+    with pytest.raises(SnnadvError, match=r"sharpness search \(bptt-fast-sigmoid\): 8 images at T=6 need about "
+                                          r".* GiB, .* --sharpness-images 3 fits"):
+        protocol_attacks(snn, strong, heldout=(hx, hy))
+    assert searched == []  # refused before the search began
+    p = protocols.resolve_protocol("strong-cpu", {"attacks": "fgsm", "sharpness_images": 3})
+    p = protocols.Protocol(**{**p.__dict__, "sharpness_iters": 1})
+    out = protocol_attacks(snn, p, heldout=(hx, hy))
+    assert searched == [3] and out["sharpness"]["images"] == 3
+    with pytest.raises(SnnadvError, match=r"'sharpness_iters' cannot be overridden \(choose .*sharpness_images\)"):
+        protocols.resolve_protocol("strong-cpu", {"sharpness_iters": 3})

@@ -107,7 +107,7 @@ ATTACK_NAMES = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square")
 
 #: the settings a command-line option or config key may override (the option's name)
 OVERRIDABLE = ("eps", "attacks", "paths", "eot", "eval_draws", "steps", "apgd_steps", "restarts", "square_queries",
-               "chunk", "early_exit")
+               "chunk", "early_exit", "sharpness_images")
 
 
 def resolve_protocol(name: str, overrides: dict | None = None) -> Protocol:

@@ -129,6 +129,20 @@ QUERY_ATTACKS = ("square",)
 QUERY_REASON = "a query attack: crafted on the source it says nothing about the target"
 
 
+def _require_search_memory(model, images: int) -> None:
+    """Refuse, before it starts, a sharpness search whose BPTT pass over ``images`` held-out
+    images would not fit the free memory (:func:`snnadv.memory.require`, naming the
+    ``--sharpness-images`` that fits): one golden-section objective is one FGSM gradient
+    of the whole held-out batch under fixed draws, so it is not split into pieces."""
+    from .. import memory
+
+    device = next(model.parameters()).device
+    with torch.enable_grad():
+        chunk = model.chunk_for(images, model.num_steps, device.type)
+    memory.require(model, images, model.num_steps, "bptt", chunk, f"sharpness search ({SHARP_PATH})",
+                   option="--sharpness-images")
+
+
 def protocol_attacks(model, p: Protocol, *, proxy=None, heldout: tuple | None = None, slope: float = 5.0,
                      seed: int = 0, batch_size: int = 64, transfer: bool = False, clock=time.perf_counter) -> dict:
     """The attacks of protocol ``p`` crafted on ``model`` (the target whitebox, the source
@@ -146,6 +160,7 @@ def protocol_attacks(model, p: Protocol, *, proxy=None, heldout: tuple | None = 
         t0 = clock()
         hx, hy = heldout
         hx, hy = hx[:p.sharpness_images], hy[:p.sharpness_images]
+        _require_search_memory(model, len(hx))
         found = search_sharpness(model, hx, hy, SHARP_PATH, iters=p.sharpness_iters, eps=max(p.eps), seed=seed)
         slope = found.best
         sharp = {"path": SHARP_PATH, "option": "slope", "best": found.best, "objective": found.value,
