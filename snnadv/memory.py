@@ -353,19 +353,23 @@ def free_bytes(device: torch.device) -> int | None:
     return max(0, min(budget, limit - used))
 
 
-def require(model, rows: int, timesteps: int, kind: str, chunk: int, what: str, per_row: int = 1,
+def require(model, rows: int, timesteps: int, kind: str, chunk: int | None, what: str, per_row: int = 1,
             training: bool = False, option: str = "--batch-size") -> None:
     """Refuse, with the estimate and a batch size that fits, to run ``kind`` on ``rows``
     rows of ``model`` (an SNN) at ``timesteps`` in chunks of ``chunk`` when that would not
     fit :func:`free_bytes` (times :func:`allocator_factor`).  A pass that cannot be split
     into pieces without changing its random draws calls this instead of splitting (the
-    estimator module's batched EOT).  ``per_row``: rows per image of the user's batch (its
+    estimator module's batched EOT).  ``chunk`` None: the chunk the model's time loop picks
+    for ``rows`` with autograd on (:meth:`snnadv.models.SNN.chunk_for`).  ``per_row``: rows per image of the user's batch (its
     EOT copies), for the batch size suggested; ``training``: the batch is part of the recipe,
     and the line says so; ``option``: the setting whose smaller value the line suggests."""
     device = next(model.parameters()).device
     budget = free_bytes(device)
     if budget is None:
         return
+    if chunk is None:
+        with torch.enable_grad():
+            chunk = min(model.chunk_for(rows, timesteps, device.type), timesteps)
     profile = _profile(model.spec, kind, model.precision)
     factor = allocator_factor(device.type)
     peak = int(factor * peak_bytes(profile, rows, timesteps, chunk))

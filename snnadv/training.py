@@ -248,10 +248,7 @@ def _require_memory(net, batch: int) -> bool:
     from .models import SNN
 
     if isinstance(net, SNN):
-        with torch.enable_grad():
-            chunk = net.chunk_for(batch, net.num_steps, next(net.parameters()).device.type)
-        memory.require(net, batch, net.num_steps, "snn-train", min(chunk, net.num_steps), "fine-tuning",
-                       training=True)
+        memory.require(net, batch, net.num_steps, "snn-train", None, "fine-tuning", training=True)
     return True
 
 

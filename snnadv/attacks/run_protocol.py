@@ -136,10 +136,7 @@ def _require_search_memory(model, images: int) -> None:
     of the whole held-out batch under fixed draws, so it is not split into pieces."""
     from .. import memory
 
-    device = next(model.parameters()).device
-    with torch.enable_grad():
-        chunk = model.chunk_for(images, model.num_steps, device.type)
-    memory.require(model, images, model.num_steps, "bptt", chunk, f"sharpness search ({SHARP_PATH})",
+    memory.require(model, images, model.num_steps, "bptt", None, f"sharpness search ({SHARP_PATH})",
                    option="--sharpness-images")
 
 
